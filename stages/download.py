@@ -1,0 +1,14 @@
+"""Stage 1: resolve model_a / model_b to local directories (Hub snapshot, local path or demo pair) → manifest."""
+from pathlib import Path
+
+from weightdiff.cli import run_stage
+from weightdiff.download import manifest
+from weightdiff.files import write_json
+
+
+def main(cfg) -> None:
+    write_json(Path(cfg.paths.manifest), manifest(cfg))
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,20 @@
+"""Stage 4: ΔW = W_B − W_A per target tensor → truncated SVD → PEFT adapter, per-tensor stats, metrics."""
+from pathlib import Path
+
+from weightdiff.cli import run_stage
+from weightdiff.extract import energy_curve, extract
+from weightdiff.files import read_json, write_atomic, write_json
+
+
+def main(cfg) -> None:
+    metrics, reports = extract(read_json(cfg.paths.index), read_json(cfg.paths.manifest), cfg.extract,
+                               Path(cfg.paths.adapter))
+    write_json(Path(cfg.paths.tensors), {"rank": metrics["rank"], "alpha": metrics["alpha"],
+                                         "dtype": cfg.extract.dtype, "tensors": reports})
+    curve = "rank,energy\n" + "".join(f"{k},{e:.8f}\n" for k, e in energy_curve(reports, metrics["rank"]))
+    write_atomic(Path(cfg.paths.energy_curve), curve.encode())
+    write_json(Path(cfg.paths.extract_metrics), metrics)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,14 @@
+"""Stage 3: header-only index of every tensor of both models (independent of the targets)."""
+from pathlib import Path
+
+from weightdiff.cli import run_stage
+from weightdiff.files import read_json, write_json
+from weightdiff.index import build_index
+
+
+def main(cfg) -> None:
+    write_json(Path(cfg.paths.index), build_index(read_json(cfg.paths.manifest)))
+
+
+if __name__ == "__main__":
+    run_stage(main)

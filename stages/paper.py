@@ -1,0 +1,20 @@
+"""Stage 8: reports/paper/paper.md and paper.pdf from this run's own numbers and figures."""
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from weightdiff.cli import run_stage
+from weightdiff.files import read_json
+from weightdiff.paper import write_paper
+
+
+def main(cfg) -> None:
+    p = cfg.paths
+    run = {"manifest": read_json(p.manifest), "extract": read_json(p.extract_metrics), "tensors": read_json(p.tensors),
+           "validate": read_json(p.validate_metrics), "gguf": read_json(p.gguf_metrics),
+           "params": OmegaConf.to_container(cfg, resolve=True)}
+    write_paper(run, Path(p.figures), Path(p.paper))
+
+
+if __name__ == "__main__":
+    run_stage(main)

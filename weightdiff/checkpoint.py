@@ -1,0 +1,94 @@
+"""Header-only views of safetensors checkpoints, and tensor-at-a-time reads from them.
+
+Everything goes through `safetensors.safe_open`, which parses the header and memory-maps the data: a
+tensor is read only when asked for, so a 47 GB shard costs no more memory than its largest tensor.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from weightdiff.errors import WeightdiffError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def shard_map(model_dir: Path) -> dict[str, str]:
+    """Tensor name → shard file name, from the index file of a sharded checkpoint or the lone shards."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightdiffError(f"{index}: not a safetensors index (expected a 'weight_map' object): {e}") from e
+        for shard in sorted(set(weight_map.values())):
+            if not (model_dir / shard).is_file():
+                raise WeightdiffError(f"{index} lists shard {shard}, which is missing from {model_dir}")
+        return dict(weight_map)
+    shards = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not shards:
+        raise WeightdiffError(f"no *.safetensors in {model_dir} (pickle checkpoints are not read)")
+    if len(shards) > 1:
+        raise WeightdiffError(f"{model_dir} has {len(shards)} safetensors files but no {INDEX_FILE}")
+    return {name: shards[0] for name in _open(model_dir / shards[0]).keys()}
+
+
+def tensor_infos(model_dir: Path) -> dict[str, TensorInfo]:
+    """Name, shard, dtype and shape of every tensor, read from the headers alone."""
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in shard_map(model_dir).items():
+        by_shard.setdefault(shard, []).append(name)
+    infos = {}
+    for shard, names in sorted(by_shard.items()):
+        f = _open(model_dir / shard)
+        present = set(f.keys())
+        for name in names:
+            if name not in present:
+                raise WeightdiffError(f"{model_dir / INDEX_FILE} puts {name} in {shard}, which does not hold it")
+            sl = f.get_slice(name)
+            infos[name] = TensorInfo(shard, sl.get_dtype(), tuple(sl.get_shape()))
+    return infos
+
+
+class TensorReader:
+    """Reads tensors of one checkpoint one at a time, keeping each shard open (mapped) once."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        self.shards = shard_map(model_dir)
+        self._open: dict[str, object] = {}
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._open.clear()  # unmaps the shards
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.shards:
+            raise WeightdiffError(f"tensor {name} is not in {self.model_dir}")
+        shard = self.shards[name]
+        if shard not in self._open:
+            self._open[shard] = _open(self.model_dir / shard)
+        try:
+            return self._open[shard].get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types and OSError for truncated data
+            raise WeightdiffError(f"{self.model_dir / shard}: cannot read tensor {name}: {e}") from e
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError, OSError: all mean the file cannot be used
+        raise WeightdiffError(f"{path}: not a readable safetensors file ({e})") from e

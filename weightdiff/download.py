@@ -1,0 +1,106 @@
+"""Resolves model sources into local directories and a small manifest that downstream stages depend on.
+
+The weights themselves are never a DVC dependency: hashing 70 GB on every run is what makes DVC slow for
+model work. The manifest pins what was used instead: the commit sha of a Hub source (resolved before any
+byte is fetched, so a rerun gets the same files even after the repo moves on), file names and sizes, and
+for a local directory the files' modification times.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from omegaconf import DictConfig, OmegaConf
+
+from weightdiff import demo
+from weightdiff.errors import WeightdiffError
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+USED_FILES = ("*.safetensors", "model.safetensors.index.json", "config.json")
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # demo | local | hub
+    ref: str  # demo variant, absolute path, or repo id
+    revision: str | None = None
+
+
+def parse_source(text: str) -> Source:
+    """demo:a | an existing directory | org/name[@revision]; anything else is an error that says which."""
+    if text.startswith("demo:"):
+        variant = text.removeprefix("demo:")
+        if variant not in ("a", "b"):
+            raise WeightdiffError(f"unknown demo model {text!r}: use demo:a or demo:b")
+        return Source("demo", variant)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return Source("local", str(path.resolve()))
+    if text.startswith(("/", ".", "~")) or not HUB_ID.match(text):
+        raise WeightdiffError(f"model source {text!r}: no such local directory, and not a Hub id (org/name[@revision])")
+    repo, _, revision = text.partition("@")
+    return Source("hub", repo, revision or None)
+
+
+def cache_root(cfg: DictConfig) -> Path:
+    return Path(cfg.download.cache_dir or hf_constants.HF_HUB_CACHE).expanduser()
+
+
+def demo_dir(cfg: DictConfig) -> Path:
+    """Keyed by the demo settings and recipe, so changing either builds a new pair instead of reusing a stale one."""
+    recipe = OmegaConf.to_container(cfg.demo) | {"recipe": demo.RECIPE_VERSION}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root(cfg) / "weightdiff-demo" / key
+
+
+def resolve(source: Source, cfg: DictConfig) -> dict:
+    """The manifest entry for one source, fetching Hub files or building the demo pair as needed."""
+    if source.kind == "demo":
+        path = demo.make_pair(demo_dir(cfg), cfg.demo)[source.ref == "b"]
+        return {"kind": "demo", "path": str(path), "revision": None, "files": file_list(path, with_mtime=False)}
+    if source.kind == "local":
+        path = Path(source.ref)
+        return {"kind": "local", "path": str(path), "revision": None, "files": file_list(path, with_mtime=True)}
+    sha = hub_commit(source)
+    try:
+        path = Path(snapshot_download(source.ref, revision=sha, allow_patterns=list(cfg.download.allow_patterns),
+                                      cache_dir=cfg.download.cache_dir))
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as e:
+        raise WeightdiffError(f"download of {source.ref}@{sha} failed: {e}") from e
+    return {"kind": "hub", "path": str(path), "revision": sha, "files": file_list(path, with_mtime=False)}
+
+
+def hub_commit(source: Source) -> str:
+    """The commit sha that source.revision (branch, tag, sha or default branch) names now."""
+    try:
+        info = HfApi().model_info(source.ref, revision=source.revision)
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as e:
+        raise WeightdiffError(
+            f"cannot resolve {source.ref}@{source.revision or 'main'} on the Hub ({type(e).__name__}: {e}); "
+            "if you meant a local directory, it does not exist") from e
+    names = [s.rfilename for s in info.siblings or []]
+    if not any(n.endswith(".safetensors") for n in names):
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        raise WeightdiffError(f"{source.ref}@{info.sha} has no safetensors weights"
+                              + (f" (only pickle files {pickles[:3]}, which weightdiff never unpickles)" if pickles else ""))
+    return info.sha
+
+
+def file_list(model_dir: Path, with_mtime: bool) -> list[dict]:
+    """The files extraction reads, with sizes (and mtimes for local directories, which can change in place)."""
+    files = sorted({p for pattern in USED_FILES for p in model_dir.glob(pattern)})
+    if not (model_dir / "config.json").is_file():
+        raise WeightdiffError(f"{model_dir} has no config.json")
+    return [{"name": p.name, "size": p.stat().st_size} | ({"mtime_ns": p.stat().st_mtime_ns} if with_mtime else {})
+            for p in files]
+
+
+def manifest(cfg: DictConfig) -> dict:
+    return {side: {"source": cfg[side]} | resolve(parse_source(cfg[side]), cfg) for side in ("model_a", "model_b")}
