@@ -1,0 +1,34 @@
+# `make demo`: set up and run the whole pipeline on the built-in demo pair. `make test`: set up and run the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup demo test clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned: the CPU build; an unpinned torch pulls a multi-GB CUDA build.
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	. $(BIN)/activate && dvc repro
+	@echo
+	@echo "adapter (PEFT):   artifacts/adapter/"
+	@echo "adapter (GGUF):   artifacts/adapter.gguf"
+	@echo "metrics:          metrics/extract.json metrics/validate.json metrics/gguf.json  (dvc metrics show)"
+	@echo "figures:          reports/figures/"
+	@echo "paper:            reports/paper/paper.md reports/paper/paper.pdf"
+
+test: setup
+	. $(BIN)/activate && python -m pytest -q
+
+clean:
+	rm -rf artifacts metrics reports/figures reports/paper

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from weightdiff.lowrank import lora_factors, truncated_svd
+
+
+def low_rank_plus_noise(m: int, n: int, r: int, noise: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    decay = torch.logspace(0, -1, r)
+    return (torch.randn(m, r, generator=g) * decay) @ torch.randn(r, n, generator=g) + noise * torch.randn(m, n, generator=g)
+
+
+@pytest.mark.parametrize("shape", [(256, 128), (96, 300)])
+def test_randomized_matches_exact_singular_values(shape):
+    M = low_rank_plus_noise(*shape, r=24, noise=0.01)
+    exact = truncated_svd(M, 16, method="exact")
+    fast = truncated_svd(M, 16, method="randomized", oversample=10, power_iters=2, seed=3)
+    torch.testing.assert_close(fast.S, exact.S, rtol=1e-3, atol=1e-4)
+    # same subspace: the reconstructions agree
+    torch.testing.assert_close(fast.U * fast.S @ fast.Vh, exact.U * exact.S @ exact.Vh, rtol=0, atol=2e-3)
+
+
+def test_randomized_is_deterministic_for_a_seed_and_varies_with_it():
+    M = low_rank_plus_noise(64, 64, r=64, noise=0.5)
+    a, b = truncated_svd(M, 8, seed=1), truncated_svd(M, 8, seed=1)
+    assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S)
+    assert not torch.equal(truncated_svd(M, 8, seed=2, power_iters=0).S, truncated_svd(M, 8, seed=1, power_iters=0).S)
+
+
+@pytest.mark.parametrize("scaling", [1.0, 2.0, 0.25])
+def test_factors_times_scaling_give_the_truncated_delta(scaling):
+    M = low_rank_plus_noise(80, 40, r=6, noise=0.0)
+    t = truncated_svd(M, 6, method="exact")
+    B, A = lora_factors(t, scaling)
+    assert B.shape == (80, 6) and A.shape == (6, 40)
+    torch.testing.assert_close(scaling * B @ A, M, rtol=0, atol=1e-4)
+    # balanced split: both factors carry √σ, so their row/column norms match
+    torch.testing.assert_close(B.norm(dim=0), A.norm(dim=1), rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="randomized' or 'exact"):
+        truncated_svd(torch.eye(4), 2, method="full")

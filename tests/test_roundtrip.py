@@ -1,0 +1,112 @@
+"""The product's promise, on real tiny models: PEFT loading the extracted adapter on A reproduces B."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import local_manifest
+from weightdiff.errors import WeightdiffError
+from weightdiff.extract import extract
+from weightdiff.index import build_index
+from weightdiff.validate import validate
+
+
+def run_extract(dir_a: Path, dir_b: Path, out: Path, cfg, **overrides):
+    manifest = local_manifest(dir_a, dir_b)
+    settings = OmegaConf.merge(cfg.extract, overrides)
+    metrics, reports = extract(build_index(manifest), manifest, settings, out)
+    return manifest, metrics, reports
+
+
+@pytest.mark.parametrize("alpha", [None, 32])  # the stage's default (alpha = rank) and alpha = 2·rank
+def test_rank16_adapter_reproduces_b(tiny_pair, tmp_path, cfg, alpha):
+    manifest, metrics, _ = run_extract(*tiny_pair, tmp_path / "adapter", cfg, rank=16, alpha=alpha)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 16 and saved["lora_alpha"] == (alpha or 16)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing adapter keys.*")
+        result = validate(manifest, tmp_path / "adapter", cfg.validate)
+    assert result["kl_adapted"] <= 1e-4
+    assert result["top1_adapted"] == 1.0
+    assert result["kl_base"] > 100 * result["kl_adapted"]  # the pair really differs, and the adapter closes it
+    assert metrics["energy"] > 0.999 and metrics["tensors_extracted"] == 14
+
+
+def test_adapter_keys_are_the_ones_peft_loads(tiny_pair, tmp_path, cfg):
+    run_extract(*tiny_pair, tmp_path / "adapter", cfg, rank=4)
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        a = f.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+        b = f.get_tensor("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight")
+    assert len(keys) == 28 and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert a.shape == (4, 64) and b.shape == (64, 4) and a.dtype == torch.float16
+
+
+def test_low_rank_loses_measurable_fidelity(tiny_pair, tmp_path, cfg):
+    manifest, metrics, _ = run_extract(*tiny_pair, tmp_path / "adapter", cfg, rank=2)
+    result = validate(manifest, tmp_path / "adapter", cfg.validate)
+    assert metrics["energy"] < 0.99
+    assert 1e-4 < result["kl_adapted"] < result["kl_base"]
+
+
+def edited_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of a model directory whose weights went through edit(dict of tensors)."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_zero_delta_tensor_is_skipped_and_the_adapter_still_loads_cleanly(tiny_pair, tmp_path, cfg):
+    dir_a, dir_b = tiny_pair
+    a = load_file(dir_a / "model.safetensors")
+    name = "model.layers.1.self_attn.v_proj.weight"
+    b = edited_copy(dir_b, tmp_path / "b", lambda t: t.__setitem__(name, a[name].clone()))
+    manifest, metrics, reports = run_extract(dir_a, b, tmp_path / "adapter", cfg)
+    assert metrics["tensors_zero"] == 1 and metrics["tensors_extracted"] == 13
+    assert next(r for r in reports if r["name"] == name)["status"] == "zero"
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert isinstance(config["target_modules"], str)  # exact regex: the skipped module must not be wrapped
+    result = validate(manifest, tmp_path / "adapter", cfg.validate)  # raises on any missing key
+    assert result["kl_adapted"] <= 1e-4
+
+
+def test_rank_above_dimensions_is_clamped_per_module(tiny_pair, tmp_path, cfg):
+    manifest, metrics, reports = run_extract(*tiny_pair, tmp_path / "adapter", cfg, rank=100, alpha=50)
+    assert metrics["tensors_clamped"] == 14
+    assert {r["rank"] for r in reports} == {64, 32}  # min(out, in): k/v project to 2 kv heads × 16
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["rank_pattern"][r"model\.layers\.0\.self_attn\.k_proj"] == 32
+    assert len(config["rank_pattern"]) == 14
+    result = validate(manifest, tmp_path / "adapter", cfg.validate)
+    assert result["kl_adapted"] <= 1e-4
+
+
+def test_identical_models_are_refused(tiny_pair, tmp_path, cfg):
+    with pytest.raises(WeightdiffError, match="identical"):
+        run_extract(tiny_pair[0], tiny_pair[0], tmp_path / "adapter", cfg)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_targets_that_are_not_linear_are_refused(tiny_pair, tmp_path, cfg):
+    with pytest.raises(WeightdiffError, match="not linear layers.*embed_tokens"):
+        run_extract(*tiny_pair, tmp_path / "adapter", cfg, target_modules=["q_proj", "embed_tokens"])
+    with pytest.raises(WeightdiffError, match="matches no weight.*q_proj"):
+        run_extract(*tiny_pair, tmp_path / "adapter", cfg, target_modules=["qkv_proj"])
+
+
+def test_extraction_is_deterministic(tiny_pair, tmp_path, cfg):
+    run_extract(*tiny_pair, tmp_path / "one", cfg)
+    run_extract(*tiny_pair, tmp_path / "two", cfg)
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes()
