@@ -6,8 +6,9 @@ the pipeline figure is drawn from dvc.yaml itself so it cannot drift from the re
 from __future__ import annotations
 
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
 import matplotlib
@@ -26,6 +27,7 @@ from weightdiff.errors import WeightdiffError  # noqa: E402
 DPI = 150
 FIGURE_NAMES = ("delta_norms.png", "energy_vs_rank.png", "heatmap.png", "pipeline.png")
 ZERO_COLOR = "#d62728"
+BLOCK_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BOX_W, BOX_H, GAP_X, GAP_Y = 2.2, 0.75, 0.35, 0.45  # pipeline boxes and the gaps between them, in inches
 NORM_LABEL = r"$\|\Delta W\|_F$"
 
@@ -33,13 +35,13 @@ NORM_LABEL = r"$\|\Delta W\|_F$"
 def write_figures(tensors: dict, energy_curve: list[tuple[int, float]], dvc_yaml: Path, out_dir: Path) -> list[Path]:
     """Draws the four figures the paper links to, into out_dir; returns their paths in FIGURE_NAMES order."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = (
-        delta_norms_figure(tensors),
-        energy_figure(tensors, energy_curve),
-        heatmap_figure(tensors),
-        pipeline_figure(dvc_yaml),
-    )
-    return [save_png(fig, out_dir / name) for fig, name in zip(figures, FIGURE_NAMES)]
+    draw = {
+        "delta_norms.png": lambda: delta_norms_figure(tensors),
+        "energy_vs_rank.png": lambda: energy_figure(tensors, energy_curve),
+        "heatmap.png": lambda: heatmap_figure(tensors),
+        "pipeline.png": lambda: pipeline_figure(dvc_yaml),
+    }
+    return [save_png(draw[name](), out_dir / name) for name in FIGURE_NAMES]
 
 
 def save_png(fig: Figure, path: Path) -> Path:
@@ -61,8 +63,15 @@ def save_png(fig: Figure, path: Path) -> Path:
 
 
 def module_kinds(tensors: dict) -> list[str]:
-    """Module kinds in order of first appearance (the model's own order: q, k, v, o, gate, up, down)."""
-    return list(dict.fromkeys(t["kind"] for t in tensors["tensors"]))
+    """The kinds present, in the order of a transformer block (q, k, v, o, gate, up, down), then any others in
+    order of appearance: tensors.json follows the checkpoint's alphabetical order, which scatters them."""
+    return _block_order(t["kind"] for t in tensors["tensors"])
+
+
+def _block_order(kinds: Iterable[str]) -> list[str]:
+    present = list(dict.fromkeys(kinds))
+    return sorted(present, key=lambda k: (BLOCK_ORDER.index(k) if k in BLOCK_ORDER else len(BLOCK_ORDER),
+                                          present.index(k)))
 
 
 def layer_norm_grid(tensors: dict) -> tuple[list[int], list[str], np.ndarray]:
@@ -72,7 +81,7 @@ def layer_norm_grid(tensors: dict) -> tuple[list[int], list[str], np.ndarray]:
     """
     layered = [t for t in tensors["tensors"] if t["layer"] is not None]
     layers = sorted({t["layer"] for t in layered})
-    kinds = list(dict.fromkeys(t["kind"] for t in layered))
+    kinds = _block_order(t["kind"] for t in layered)
     grid = np.full((len(layers), len(kinds)), np.nan)
     for t in layered:
         grid[layers.index(t["layer"]), kinds.index(t["kind"])] = t["delta_norm"]
@@ -136,15 +145,16 @@ def energy_figure(tensors: dict, energy_curve: list[tuple[int, float]]) -> Figur
     global_energy = [e for _, e in energy_curve]
     chosen = int(tensors["rank"])
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for kind, curve in energy_curves(tensors, len(ranks)).items():
-        ax.plot(ranks, curve, linewidth=1, alpha=0.8, label=kind)
+    curves = energy_curves(tensors, len(ranks))
+    for kind in (k for k in module_kinds(tensors) if k in curves):
+        ax.plot(ranks, curves[kind], linewidth=1, alpha=0.8, label=kind)
     ax.plot(ranks, global_energy, color="black", linewidth=2.5, label="all tensors")
     ax.axvline(chosen, color="gray", linestyle="--", linewidth=1)
     if chosen in ranks:
         at_chosen = global_energy[ranks.index(chosen)]
         ax.plot([chosen], [at_chosen], marker="o", color="black")
-        ax.annotate(f"r = {chosen}: {at_chosen:.4f}", (chosen, at_chosen), textcoords="offset points",
-                    xytext=(-8, 8), ha="right", va="bottom", fontsize=9,
+        ax.annotate(f"r = {chosen}: {at_chosen:.6g}", (chosen, at_chosen), textcoords="offset points",
+                    xytext=(-10, -12), ha="right", va="top", fontsize=9,
                     bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
     ax.set_xlabel("rank k")
     ax.set_ylabel(r"energy kept  $\sum_{i \leq k} \sigma_i^2 \,/\, \|\Delta W\|_F^2$")
@@ -160,8 +170,7 @@ def heatmap_figure(tensors: dict) -> Figure:
     """Layer × kind map of ‖ΔW‖_F; zero deltas hatched in red so "unchanged" never reads as "small"."""
     layers, kinds, grid = layer_norm_grid(tensors)
     fig, ax = plt.subplots(figsize=(1.1 * len(kinds) + 2.5, min(12.0, 0.35 * len(layers) + 2.0)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0)
     fig.colorbar(image, ax=ax, label=NORM_LABEL)
     for i, j in np.argwhere(grid == 0):
@@ -192,23 +201,50 @@ def _label_color(image: matplotlib.image.AxesImage, value: float) -> str:
 
 
 def dvc_stages(dvc_yaml: Path) -> dict[str, dict[str, list[str]]]:
-    """Stage → {"deps": [...], "outs": [...]} from dvc.yaml; metrics and plots files count as outs."""
+    """Stage → {"deps": [...], "outs": [...]} from dvc.yaml, with ${...} resolved as DVC does from
+    params.yaml beside it and the file's own `vars` mappings; metrics and plots files count as outs."""
     try:
-        stages = (yaml.safe_load(dvc_yaml.read_text()) or {})["stages"]
+        doc = yaml.safe_load(dvc_yaml.read_text()) or {}
+        stages = doc["stages"]
+        context = _interpolation_context(dvc_yaml.parent / "params.yaml", doc.get("vars") or [])
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
         raise WeightdiffError(f"{dvc_yaml}: cannot read its stages: {e}") from e
     return {
         name: {
-            "deps": _paths(stage.get("deps")),
-            "outs": _paths(stage.get("outs")) + _paths(stage.get("metrics")) + _paths(stage.get("plots")),
+            "deps": _paths(stage.get("deps"), context),
+            "outs": [p for key in ("outs", "metrics", "plots") for p in _paths(stage.get(key), context)],
         }
         for name, stage in stages.items()
     }
 
 
-def _paths(entries: list | None) -> list[str]:
-    """Paths of a dvc.yaml list, whose items are either "path" or {"path": {options}}."""
-    return [str(PurePosixPath(e if isinstance(e, str) else next(iter(e)))) for e in entries or []]
+def _interpolation_context(params_yaml: Path, dvc_vars: list) -> dict:
+    context = (yaml.safe_load(params_yaml.read_text()) or {}) if params_yaml.is_file() else {}
+    for entry in dvc_vars:
+        if isinstance(entry, dict):
+            context.update(entry)
+    return context
+
+
+def _paths(entries: list | None, context: dict) -> list[str]:
+    """Normalised paths of a dvc.yaml list, whose items are either "path" or {"path": {options}}."""
+    return [str(PurePosixPath(_interpolated(e if isinstance(e, str) else next(iter(e)), context)))
+            for e in entries or []]
+
+
+def _interpolated(text: str, context: dict) -> str:
+    """text with each ${dotted.key} found in context replaced by its value; unknown keys are kept as written."""
+    def value(match: re.Match) -> str:
+        node = context
+        for key in match[1].split("."):
+            if not isinstance(node, dict) or key not in node:
+                return match[0]
+            node = node[key]
+        return str(node)
+    return INTERPOLATION.sub(value, text)
+
+
+INTERPOLATION = re.compile(r"\$\{\s*([\w.-]+)\s*\}")
 
 
 def pipeline_edges(dvc_yaml: Path) -> list[tuple[str, str]]:

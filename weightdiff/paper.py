@@ -108,10 +108,11 @@ def hardware_line() -> str:
 
 
 def svd_line(params: dict) -> str:
+    """The SVD method as configured, with the randomized method's settings and reference."""
     svd = params["extract"].get("svd") or {}
     if svd.get("method") == "randomized":
-        return f"randomized (oversampling {svd.get('oversample')}, {svd.get('power_iters')} power iterations)"
-    return str(svd.get("method", "exact"))
+        return f"randomized [3] (oversampling {svd.get('oversample')}, {svd.get('power_iters')} power iterations)"
+    return svd.get("method", "not recorded in the parameters")
 
 
 def layer_totals(tensors: dict) -> dict[int, float]:
@@ -223,7 +224,7 @@ factors:
     B_i = U_r · √Σ_r    ∈ ℝ^(d_out × r)
 
 so that B_i A_i = U_r Σ_r V_rᵀ. The fraction of ‖ΔW_i‖²_F kept, Σ_(i≤r) σᵢ² / ‖ΔW_i‖²_F, is the energy
-reported throughout. The SVD is {svd_line(p)} [3].
+reported throughout. SVD method: {svd_line(p)}.
 
 ### 2.3 Scaling
 
@@ -262,6 +263,8 @@ def experiments_section(run: dict, fig: dict[str, str]) -> str:
 def setup_subsection(run: dict) -> str:
     e, m, p, g, v = run["extract"], run["manifest"], run["params"], run["gguf"], run["validate"]
     device = (p.get("validate") or {}).get("device")
+    counts = f"{e['tensors_total']} total: {e['tensors_extracted']} extracted, {e['tensors_zero']} zero, " \
+             f"{e['tensors_clamped']} rank-clamped"
     return f"""## 3. Experiments
 
 ### 3.1 Setup
@@ -275,7 +278,7 @@ def setup_subsection(run: dict) -> str:
 | Factor dtype | {p['extract']['dtype']} |
 | SVD | {svd_line(p)} |
 | Target modules | {', '.join(p['extract']['target_modules'])} |
-| Tensors | {e['tensors_total']} total: {e['tensors_extracted']} extracted, {e['tensors_zero']} zero, {e['tensors_clamped']} rank-clamped |
+| Tensors | {counts} |
 | Adapter parameters | {e['adapter_params']:,} |
 | GGUF export | {g['arch']}, {g['tensors']} tensors, {g['dtype']} |
 | Validation | {v['tokens']} tokens{f' on {device}' if device else ''} |
@@ -306,7 +309,7 @@ def rank_subsection(run: dict, figure: str) -> str:
 At the chosen rank r = {r} the adapter keeps an energy fraction {fmt_energy(e['energy'])} of ΔW over all
 tensors (the worst single tensor keeps {fmt_energy(e['energy_min'])}). At r/2 = {half} the fraction would be
 {fmt_energy(curve[half - 1])}, and at rank 1 {fmt_energy(curve[0])}: going from r/2 to r adds
-{fmt_num(curve[-1] - curve[half - 1])} of the energy for twice the adapter size.
+{fmt_num(curve[-1] - curve[half - 1])} of the energy for about twice the adapter size.
 """
 
 
@@ -335,7 +338,8 @@ def layer_subsection(tensors: dict, figure: str) -> str:
                  f"{fmt_num(biggest_tensor['delta_norm'])})" + (
                      f"; the smallest non-zero one is `{smallest_tensor['name']}` "
                      f"({fmt_num(smallest_tensor['delta_norm'])})." if smallest_tensor else "."))
-    lines.append("\n| Module | Shape | Tensors | Zero | ‖ΔW‖_F (pooled) | Energy at r |\n|---|---|---|---|---|---|")
+    lines.append("\n| Module | Shape | Tensors | Zero | ‖ΔW‖_F (pooled) | Energy at r |\n"
+                 "|---|---|---|---|---|---|")
     lines += [f"| {k['kind']} | {k['shapes']} | {k['count']} | {k['zero']} | {fmt_num(k['norm'])} | "
               f"{fmt_energy(k['energy']) if k['energy'] is not None else '—'} |" for k in kind_summary(tensors)]
     return "\n".join(lines) + "\n"
@@ -359,8 +363,6 @@ def results_section(run: dict) -> str:
 |---|---|---|
 | KL(B ‖ ·), mean over tokens | {fmt_num(v['kl_base'])} | {fmt_num(v['kl_adapted'])} |
 | Top-1 agreement | {fmt_pct(v['top1_base'])} | {fmt_pct(v['top1_adapted'])} |
-
-{fidelity_sentence(v)}
 """
 
 
@@ -370,8 +372,8 @@ def energy_verdict(energy: float, rank: int) -> str:
         return f"ΔW is numerically low-rank: rank {rank} keeps all but {fmt_num(1 - energy)} of its energy, " \
                f"consistent with both models being merged low-rank fine-tunes of one base."
     if energy >= 0.9:
-        return f"ΔW is approximately low-rank: rank {rank} keeps {fmt_pct(energy)} of its energy; the rest is " \
-               f"spread over many small singular values."
+        return f"ΔW is approximately low-rank: rank {rank} keeps {fmt_pct(energy)} of its energy; the other " \
+               f"{fmt_pct(1 - energy)} lies in singular values beyond rank {rank}."
     return f"ΔW is not low-rank: rank {rank} keeps only {fmt_pct(energy)} of its energy, so the adapter is a " \
            f"lossy approximation of B − A, not a reconstruction; Figure 2 shows what other ranks would keep."
 
