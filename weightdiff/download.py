@@ -18,12 +18,19 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from omegaconf import DictConfig, OmegaConf
 
+try:  # the HTTP client under huggingface_hub (httpx2 from 2.x, httpx in 1.x); its RequestError is no OSError
+    from httpx2 import RequestError
+except ImportError:
+    from httpx import RequestError
+
 from weightdiff import demo
 from weightdiff.errors import WeightdiffError
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 USED_FILES = ("*.safetensors", "model.safetensors.index.json", "config.json")
+# Unreachable Hub (connection refused, DNS, timeouts) raises RequestError, not an HfHubHTTPError or OSError.
+HUB_ERRORS = (HfHubHTTPError, OfflineModeIsEnabled, OSError, RequestError)
 
 
 @dataclass(frozen=True)
@@ -68,20 +75,39 @@ def resolve(source: Source, cfg: DictConfig) -> dict:
     if source.kind == "local":
         path = Path(source.ref)
         return {"kind": "local", "path": str(path), "revision": None, "files": file_list(path, with_mtime=True)}
+    path = cached_snapshot(source, cfg) if hf_constants.HF_HUB_OFFLINE else hub_snapshot(source, cfg)
+    return {"kind": "hub", "path": str(path), "revision": path.name, "files": file_list(path, with_mtime=False)}
+
+
+def hub_snapshot(source: Source, cfg: DictConfig) -> Path:
+    """The snapshot directory of the commit the revision names now; its name is that commit's sha.
+
+    Fetched by the revision's own name (not the sha found first) so that the cache records the branch or
+    tag, and HF_HUB_OFFLINE=1 runs resolve it later from the cache alone.
+    """
     sha = hub_commit(source)
     try:
-        path = Path(snapshot_download(source.ref, revision=sha, allow_patterns=list(cfg.download.allow_patterns),
+        return Path(snapshot_download(source.ref, revision=source.revision, allow_patterns=list(cfg.download.allow_patterns),
                                       cache_dir=cfg.download.cache_dir))
-    except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as e:
+    except HUB_ERRORS as e:
         raise WeightdiffError(f"download of {source.ref}@{sha} failed: {e}") from e
-    return {"kind": "hub", "path": str(path), "revision": sha, "files": file_list(path, with_mtime=False)}
+
+
+def cached_snapshot(source: Source, cfg: DictConfig) -> Path:
+    """With HF_HUB_OFFLINE=1: the snapshot the cache already holds for the revision, without any request."""
+    try:
+        return Path(snapshot_download(source.ref, revision=source.revision, allow_patterns=list(cfg.download.allow_patterns),
+                                      cache_dir=cfg.download.cache_dir, local_files_only=True))
+    except (*HUB_ERRORS, ValueError) as e:
+        raise WeightdiffError(f"HF_HUB_OFFLINE is set and the cache has no snapshot of "
+                              f"{source.ref}@{source.revision or 'main'} ({type(e).__name__}: {e})") from e
 
 
 def hub_commit(source: Source) -> str:
     """The commit sha that source.revision (branch, tag, sha or default branch) names now."""
     try:
         info = HfApi().model_info(source.ref, revision=source.revision)
-    except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as e:
+    except HUB_ERRORS as e:
         raise WeightdiffError(
             f"cannot resolve {source.ref}@{source.revision or 'main'} on the Hub ({type(e).__name__}: {e}); "
             "if you meant a local directory, it does not exist") from e

@@ -1,0 +1,306 @@
+"""A local stand-in for the Hugging Face Hub, enough for `HfApi().model_info` and `snapshot_download`.
+
+Stdlib only. It serves, from a live description of repos, the endpoints huggingface_hub 2.4 calls:
+
+    GET  /api/models/{repo}                          model info at the default branch ("main")
+    GET  /api/models/{repo}/revision/{rev}           model info at a branch, tag or full commit sha
+    GET  /api/models/{repo}/tree/{rev}[/{path}]      file listing (`list_repo_tree`; `recursive` honoured)
+    HEAD /{repo}/resolve/{rev}/{file}                file metadata, as `hf_hub_download` reads it
+    GET  /{repo}/resolve/{rev}/{file}                file bytes (Range honoured)
+
+and, on a second port (another origin, like the Hub's CDN, so the client drops its Authorization header):
+
+    HEAD|GET /blobs/{sha256}                         LFS file bytes (Range honoured)
+
+Regular files answer `/resolve` with 200, `ETag: "<git blob sha1>"`, `Content-Length` and `X-Repo-Commit`. LFS
+files (*.safetensors, *.bin, ... see LFS_SUFFIXES) answer with a 302 to the CDN carrying `X-Linked-Etag:
+"<sha256>"`, `X-Linked-Size` and `X-Repo-Commit`, which is what the real Hub does. Errors carry the `X-Error-Code`
+header that `huggingface_hub.utils.hf_raise_for_status` maps to exception types: RepoNotFound (404),
+RevisionNotFound (404), EntryNotFound (404), GatedRepo (401 without a token, 403 with a token not granted access).
+As on the real Hub, a gated repo's metadata and file listing are public; only its files need a granted token.
+
+Description of the repos (read on every request, so a test can move a branch between two calls):
+
+    {"org/name": {"<40-hex sha>": {"refs": ["main", "v1.0"], "files": {"config.json": b"..."}}}}
+
+`commit()` adds a commit to such a description, with a sha derived from its files, and moves the refs it names.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+Repos = dict[str, dict[str, dict]]
+
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
+LFS_POINTER_SIZE = 134
+
+
+def commit(repos: Repos, repo_id: str, files: Mapping[str, bytes], refs: Collection[str] = ("main",),
+           parent: str | None = None) -> str:
+    """Add a commit of `files` to `repos[repo_id]`, point `refs` (branches or tags) at it, return its sha.
+
+    The sha hashes the files and the parent's sha, so identical trees on different histories still differ.
+    """
+    commits = repos.setdefault(repo_id, {})
+    if parent is None:
+        heads = [sha for sha, c in commits.items() if "main" in c["refs"]]
+        parent = heads[0] if heads else ""
+    digest = hashlib.sha1(parent.encode())
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    sha = digest.hexdigest()
+    for other in commits.values():
+        other["refs"] = [r for r in other["refs"] if r not in refs]
+    commits[sha] = {"refs": list(refs), "files": dict(files)}
+    return sha
+
+
+def git_blob_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def is_lfs(name: str) -> bool:
+    return name.endswith(LFS_SUFFIXES)
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    cdn: bool
+
+
+class HubError(Exception):
+    def __init__(self, status: int, code: str | None, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+@dataclass
+class StandinHub:
+    """The running stand-in: `url` is what HF_ENDPOINT must be; `requests` logs every request received."""
+
+    repos: Repos
+    gated: Mapping[str, Collection[str]] = field(default_factory=dict)
+    url: str = ""
+    cdn_url: str = ""
+    requests: list[Request] = field(default_factory=list)
+
+    # -- state -----------------------------------------------------------------------------------------
+    def revision(self, repo_id: str, revision: str) -> tuple[str, dict[str, bytes]]:
+        """(sha, files) that `revision` (branch, tag or full sha) names in `repo_id`, or the Hub's 404."""
+        commits = self.repos.get(repo_id)
+        if commits is None:
+            raise HubError(404, "RepoNotFound", f"Repository not found: {repo_id}")
+        if revision in commits:
+            return revision, commits[revision]["files"]
+        named = [sha for sha, c in commits.items() if revision in c["refs"]]
+        if len(named) > 1:
+            raise AssertionError(f"stand-in description: ref {revision!r} of {repo_id} is on commits {named}")
+        if not named:
+            raise HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        return named[0], commits[named[0]]["files"]
+
+    def blob(self, sha256: str) -> bytes | None:
+        """The bytes of an LFS file of any repo and commit, by sha256 (what the CDN serves)."""
+        for commits in self.repos.values():
+            for c in commits.values():
+                for name, data in c["files"].items():
+                    if is_lfs(name) and hashlib.sha256(data).hexdigest() == sha256:
+                        return data
+        return None
+
+    def check_access(self, repo_id: str, headers: Mapping[str, str]) -> None:
+        if repo_id not in self.gated:
+            return
+        auth = headers.get("authorization")
+        if not auth:
+            raise HubError(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it "
+                                             "and be authenticated to access it. Please log in.")
+        token = auth.removeprefix("Bearer ").strip()
+        if token not in self.gated[repo_id]:
+            raise HubError(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the "
+                                             "authorized list.")
+
+
+def tree_entry(name: str, data: bytes) -> dict:
+    entry = {"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": name}
+    if is_lfs(name):
+        entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": LFS_POINTER_SIZE}
+    return entry
+
+
+def model_info(hub: StandinHub, repo_id: str, revision: str, blobs: bool) -> dict:
+    sha, files = hub.revision(repo_id, revision)
+    siblings = []
+    for name in sorted(files):
+        sibling = {"rfilename": name}
+        if blobs:
+            entry = tree_entry(name, files[name])
+            sibling |= {"size": entry["size"], "blobId": entry["oid"]}
+            if "lfs" in entry:
+                sibling["lfs"] = {"size": entry["size"], "sha256": entry["lfs"]["oid"],
+                                  "pointerSize": LFS_POINTER_SIZE}
+        siblings.append(sibling)
+    return {"_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
+            "author": repo_id.split("/")[0], "sha": sha, "private": False,
+            "gated": "manual" if repo_id in hub.gated else False, "disabled": False, "downloads": 0, "likes": 0,
+            "tags": [], "lastModified": "2025-01-01T00:00:00.000Z", "createdAt": "2025-01-01T00:00:00.000Z",
+            "siblings": siblings}
+
+
+def repo_tree(hub: StandinHub, repo_id: str, revision: str, path: str, recursive: bool) -> list[dict]:
+    _, files = hub.revision(repo_id, revision)
+    prefix = path.strip("/") + "/" if path.strip("/") else ""
+    if prefix and not any(name.startswith(prefix) for name in files):
+        raise HubError(404, "EntryNotFound", f"{path} does not exist on {revision}")
+    entries: dict[str, dict] = {}
+    for name in sorted(files):
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix):].split("/")
+        for depth in range(1, len(rest)):  # the folders on the way
+            folder = prefix + "/".join(rest[:depth])
+            if depth == 1 or recursive:
+                entries.setdefault(folder, {"type": "directory", "oid": hashlib.sha1(folder.encode()).hexdigest(),
+                                            "size": 0, "path": folder})
+            if not recursive:
+                break
+        if len(rest) == 1 or recursive:
+            entries[name] = tree_entry(name, files[name])
+    return list(entries.values())
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end inclusive) of a single `bytes=` range, None for no Range; HubError(416) if unsatisfiable."""
+    if not header:
+        return None
+    m = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
+    if not m or (m[1] == "" and m[2] == ""):
+        raise HubError(416, None, f"bad range {header!r}", {"Content-Range": f"bytes */{size}"})
+    if m[1] == "":  # suffix: the last n bytes
+        start, end = max(size - int(m[2]), 0), size - 1
+    else:
+        start, end = int(m[1]), min(int(m[2]), size - 1) if m[2] else size - 1
+    if start >= size or start > end:
+        raise HubError(416, None, f"range {header!r} not satisfiable", {"Content-Range": f"bytes */{size}"})
+    return start, end
+
+
+def make_handler(hub: StandinHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "hub-standin"
+
+        def log_message(self, format, *args):  # noqa: A002 - keep test output quiet
+            pass
+
+        def do_GET(self):
+            self.handle_request(head=False)
+
+        def do_HEAD(self):
+            self.handle_request(head=True)
+
+        def handle_request(self, head: bool) -> None:
+            hub.requests.append(Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
+                                        cdn))
+            try:
+                status, headers, body = self.route(urlsplit(self.path))
+            except HubError as e:
+                status, body = e.status, json.dumps({"error": e.message}).encode()
+                headers = {"Content-Type": "application/json", "X-Error-Message": e.message} | e.headers
+                if e.code:
+                    headers["X-Error-Code"] = e.code
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            if "Content-Length" not in headers:
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def route(self, url) -> tuple[int, dict[str, str], bytes]:
+            parts = [unquote(p) for p in url.path.split("/")[1:]]
+            query = parse_qs(url.query)
+            if cdn:
+                if len(parts) == 2 and parts[0] == "blobs" and (data := hub.blob(parts[1])) is not None:
+                    return self.content(data, {"ETag": f'"{parts[1]}"'})
+                raise HubError(404, None, "no such blob")
+            if parts[:2] == ["api", "models"] and len(parts) >= 3:
+                return self.api(parts[2:], query)
+            if "resolve" in parts[1:3]:
+                at = parts.index("resolve", 1)
+                if len(parts) > at + 2:
+                    return self.resolve("/".join(parts[:at]), parts[at + 1], "/".join(parts[at + 2:]))
+            raise HubError(404, None, f"stand-in: no route for {url.path}")
+
+        def api(self, parts: list[str], query: dict) -> tuple[int, dict[str, str], bytes]:
+            # repo ids are org/name (or a bare name): the segment after the id is "revision", "tree" or nothing
+            n = 2 if len(parts) >= 2 and parts[1] not in ("revision", "tree") else 1
+            repo_id, rest = "/".join(parts[:n]), parts[n:]
+            truthy = lambda key: query.get(key, ["false"])[0].lower() in ("1", "true")  # noqa: E731
+            if not rest or rest[0] == "revision" and len(rest) == 2:
+                info = model_info(hub, repo_id, rest[1] if rest else "main", blobs=truthy("blobs"))
+                return self.json(info)
+            if rest[0] == "tree" and len(rest) >= 2:
+                return self.json(repo_tree(hub, repo_id, rest[1], "/".join(rest[2:]), truthy("recursive")))
+            raise HubError(404, None, f"stand-in: no API route for {'/'.join(rest)}")
+
+        def resolve(self, repo_id: str, revision: str, filename: str) -> tuple[int, dict[str, str], bytes]:
+            sha, files = hub.revision(repo_id, revision)
+            hub.check_access(repo_id, {k.lower(): v for k, v in self.headers.items()})
+            if filename not in files:
+                raise HubError(404, "EntryNotFound", f"Entry not found: {filename}", {"X-Repo-Commit": sha})
+            data = files[filename]
+            if is_lfs(filename):
+                sha256 = hashlib.sha256(data).hexdigest()
+                return 302, {"Location": f"{hub.cdn_url}/blobs/{sha256}", "X-Repo-Commit": sha,
+                             "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(data)),
+                             "ETag": f'"{git_blob_oid(data)}"', "Content-Length": "0"}, b""
+            return self.content(data, {"ETag": f'"{git_blob_oid(data)}"', "X-Repo-Commit": sha})
+
+        def content(self, data: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+            headers = headers | {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+            span = parse_range(self.headers.get("Range"), len(data))
+            if span is None:
+                return 200, headers, data
+            start, end = span
+            return 206, headers | {"Content-Range": f"bytes {start}-{end}/{len(data)}"}, data[start:end + 1]
+
+        def json(self, obj) -> tuple[int, dict[str, str], bytes]:
+            return 200, {"Content-Type": "application/json"}, json.dumps(obj).encode()
+
+    return Handler
+
+
+@contextmanager
+def serve(repos: Repos, gated: Mapping[str, Collection[str]] | None = None) -> Iterator[StandinHub]:
+    """Run the stand-in on 127.0.0.1 (free ports) while the block runs; yields the hub, whose `url` is the endpoint.
+
+    `repos` is read live, so changes to it show on the next request. `gated` maps gated repo ids to the tokens
+    that were granted access (`hub.gated` is read live too).
+    """
+    hub = StandinHub(repos=repos, gated=dict(gated or {}))
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), make_handler(hub, cdn=cdn)) for cdn in (False, True)]
+    hub.url, hub.cdn_url = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
+    threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+               for s in servers]
+    for t in threads:
+        t.start()
+    try:
+        yield hub
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+        for t in threads:
+            t.join(timeout=5)
