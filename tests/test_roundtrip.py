@@ -110,3 +110,15 @@ def test_extraction_is_deterministic(tiny_pair, tmp_path, cfg):
     run_extract(*tiny_pair, tmp_path / "two", cfg)
     for f in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes()
+
+
+@pytest.mark.parametrize("rename", [
+    lambda k: k.replace(".weight", ".default"),  # the seeds' key format: PEFT loads nothing
+    lambda k: k.replace("q_proj", "qkv_proj"),  # keys PEFT has no module for
+])
+def test_validate_fails_on_keys_peft_does_not_load(tiny_pair, tmp_path, cfg, rename):
+    manifest, _, _ = run_extract(*tiny_pair, tmp_path / "adapter", cfg)
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file({rename(k): v for k, v in load_file(path).items()}, path)
+    with pytest.raises(WeightdiffError, match=r"PEFT does not load this adapter as written: \d+ missing keys"):
+        validate(manifest, tmp_path / "adapter", cfg.validate)
