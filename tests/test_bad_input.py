@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, local_manifest

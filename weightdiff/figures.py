@@ -5,9 +5,7 @@ the pipeline figure is drawn from dvc.yaml itself so it cannot drift from the re
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
@@ -23,6 +21,7 @@ from matplotlib.patches import FancyArrowPatch, Rectangle  # noqa: E402
 from matplotlib.path import Path as MplPath  # noqa: E402
 
 from weightdiff.errors import WeightdiffError  # noqa: E402
+from weightdiff.files import atomic_path  # noqa: E402
 
 DPI = 150
 FIGURE_NAMES = ("delta_norms.png", "energy_vs_rank.png", "heatmap.png", "pipeline.png")
@@ -45,15 +44,10 @@ def write_figures(tensors: dict, energy_curve: list[tuple[int, float]], dvc_yaml
 
 
 def save_png(fig: Figure, path: Path) -> Path:
-    """Writes fig atomically (temp file + os.replace), so a crash never leaves a half-written PNG for DVC."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    """Writes fig atomically, so a crash never leaves a half-written PNG for DVC."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

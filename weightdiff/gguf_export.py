@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from gguf import GGMLQuantizationType, MODEL_ARCH, MODEL_TENSOR
 from safetensors import safe_open
 
 from weightdiff.errors import WeightdiffError
+from weightdiff.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -104,15 +104,9 @@ def write_lora_gguf(adapter_dir: Path, model_config: dict, out_path: Path, dtype
     if not weights_path.is_file():
         raise WeightdiffError(f"{weights_path} not found: expected a PEFT LoRA adapter directory")
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    try:
-        with safe_open(weights_path, framework="pt") as handle:
-            factors = planned_factors(handle, adapter_config, model_config, arch, requested_type)
-            write_gguf(tmp_path, arch, factors, handle)
-        os.replace(tmp_path, out_path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with atomic_path(out_path) as tmp_path, safe_open(weights_path, framework="pt") as handle:
+        factors = planned_factors(handle, adapter_config, model_config, arch, requested_type)
+        write_gguf(tmp_path, arch, factors, handle)
 
     summary = {"arch": gguf.MODEL_ARCH_NAMES[arch], "tensors": len(factors),
                "bytes": out_path.stat().st_size, "dtype": dtype}

@@ -10,7 +10,6 @@ import math
 import os
 import platform
 import re
-import tempfile
 from pathlib import Path
 
 import markdown
@@ -20,6 +19,7 @@ from fpdf import FPDF, FontFace, TextStyle
 from PIL import Image
 
 from weightdiff.figures import energy_curves, layer_norm_grid, module_kinds
+from weightdiff.files import write_atomic
 
 # In the order the paper shows them (the seeds' order: magnitudes, rank, pipeline, layers).
 FIGURE_CAPTIONS = {
@@ -40,19 +40,6 @@ def write_paper(run: dict, figures_dir: Path, out_dir: Path) -> tuple[Path, Path
     md_path = write_atomic(out_dir / "paper.md", text.encode())
     pdf_path = write_atomic(out_dir / "paper.pdf", paper_pdf(text, out_dir))
     return md_path, pdf_path
-
-
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Temp file + os.replace: DVC never sees a half-written paper."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ---------------------------------------------------------------- number formatting
