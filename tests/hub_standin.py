@@ -19,6 +19,10 @@ header that `huggingface_hub.utils.hf_raise_for_status` maps to exception types:
 RevisionNotFound (404), EntryNotFound (404), GatedRepo (401 without a token, 403 with a token not granted access).
 As on the real Hub, a gated repo's metadata and file listing are public; only its files need a granted token.
 
+Faults, for tests of interrupted downloads: `hub.drop_after[name] = n` sends only the first n bytes of the
+next response carrying file `name` (full or ranged), with the full Content-Length, then closes the connection,
+once; `hub.bytes_per_second` serves file bytes at that rate, a slow link to kill a download on.
+
 Description of the repos (read on every request, so a test can move a branch between two calls):
 
     {"org/name": {"<40-hex sha>": {"refs": ["main", "v1.0"], "files": {"config.json": b"..."}}}}
@@ -31,6 +35,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -94,6 +99,8 @@ class StandinHub:
     url: str = ""
     cdn_url: str = ""
     requests: list[Request] = field(default_factory=list)
+    drop_after: dict[str, int] = field(default_factory=dict)
+    bytes_per_second: float | None = None
 
     # -- state -----------------------------------------------------------------------------------------
     def revision(self, repo_id: str, revision: str) -> tuple[str, dict[str, bytes]]:
@@ -110,13 +117,13 @@ class StandinHub:
             raise HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         return named[0], commits[named[0]]["files"]
 
-    def blob(self, sha256: str) -> bytes | None:
-        """The bytes of an LFS file of any repo and commit, by sha256 (what the CDN serves)."""
+    def blob(self, sha256: str) -> tuple[str, bytes] | None:
+        """(file name, bytes) of an LFS file of any repo and commit, by sha256 (what the CDN serves)."""
         for commits in self.repos.values():
             for c in commits.values():
                 for name, data in c["files"].items():
                     if is_lfs(name) and hashlib.sha256(data).hexdigest() == sha256:
-                        return data
+                        return name, data
         return None
 
     def check_access(self, repo_id: str, headers: Mapping[str, str]) -> None:
@@ -212,6 +219,7 @@ def make_handler(hub: StandinHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
         def handle_request(self, head: bool) -> None:
             hub.requests.append(Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
                                         cdn))
+            self.file_name: str | None = None  # set by content(): which file the body is, for faults
             try:
                 status, headers, body = self.route(urlsplit(self.path))
             except HubError as e:
@@ -226,14 +234,31 @@ def make_handler(hub: StandinHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if not head:
-                self.wfile.write(body)
+                self.write_body(body)
+
+        def write_body(self, body: bytes) -> None:
+            """The body at hub.bytes_per_second, cut short (and the connection dropped) per hub.drop_after."""
+            cut = hub.drop_after.pop(self.file_name, None) if self.file_name and body else None
+            end = len(body) if cut is None else min(cut, len(body))
+            step = 65536
+            try:
+                for start in range(0, end, step):
+                    chunk = body[start:min(start + step, end)]
+                    self.wfile.write(chunk)
+                    if hub.bytes_per_second:
+                        self.wfile.flush()
+                        time.sleep(len(chunk) / hub.bytes_per_second)
+            except (BrokenPipeError, ConnectionResetError):  # the client went away, e.g. killed
+                cut = end
+            if cut is not None:
+                self.close_connection = True
 
         def route(self, url) -> tuple[int, dict[str, str], bytes]:
             parts = [unquote(p) for p in url.path.split("/")[1:]]
             query = parse_qs(url.query)
             if cdn:
-                if len(parts) == 2 and parts[0] == "blobs" and (data := hub.blob(parts[1])) is not None:
-                    return self.content(data, {"ETag": f'"{parts[1]}"'})
+                if len(parts) == 2 and parts[0] == "blobs" and (found := hub.blob(parts[1])) is not None:
+                    return self.content(*found, {"ETag": f'"{parts[1]}"'})
                 raise HubError(404, None, "no such blob")
             if parts[:2] == ["api", "models"] and len(parts) >= 3:
                 return self.api(parts[2:], query)
@@ -266,9 +291,10 @@ def make_handler(hub: StandinHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
                 return 302, {"Location": f"{hub.cdn_url}/blobs/{sha256}", "X-Repo-Commit": sha,
                              "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(data)),
                              "ETag": f'"{git_blob_oid(data)}"', "Content-Length": "0"}, b""
-            return self.content(data, {"ETag": f'"{git_blob_oid(data)}"', "X-Repo-Commit": sha})
+            return self.content(filename, data, {"ETag": f'"{git_blob_oid(data)}"', "X-Repo-Commit": sha})
 
-        def content(self, data: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        def content(self, name: str, data: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+            self.file_name = name
             headers = headers | {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
             span = parse_range(self.headers.get("Range"), len(data))
             if span is None:

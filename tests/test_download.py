@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,12 +22,15 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, Revi
 from omegaconf import OmegaConf
 from safetensors.torch import load, save, save_file
 
+import stages.download
+from conftest import REPO
 from hub_standin import commit, serve
+from weightdiff.config import run_config
 from weightdiff.download import Source, manifest, parse_source, resolve
 from weightdiff.errors import WeightdiffError
 
 CONFIG = json.dumps({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1}).encode()
-PATTERNS = ["*.safetensors", "*.json"]
+PATTERNS = list(run_config(params=REPO / "params.yaml").download.allow_patterns)  # what the pipeline fetches
 
 
 def weights(seed: int, rows: int = 4) -> bytes:
@@ -89,8 +98,8 @@ def cache(tmp_path) -> Path:
 # -- Hub sources -------------------------------------------------------------------------------------------
 
 def test_tag_and_main_resolve_to_their_commits_and_fetch_only_used_files(standin, repos, cache):
-    v1 = model_files(1)
-    v2 = model_files(2)
+    v1 = model_files(1, **{"tokenizer.json": b"{}", "trainer_state.json": b"{}"})
+    v2 = model_files(2, **{"tokenizer.json": b"{}", "trainer_state.json": b"{}"})
     sha_v1 = commit(repos, "org/name", v1, refs=["v1.0"])
     sha_main = commit(repos, "org/name", v2, refs=["main"])
     assert sha_v1 != sha_main
@@ -104,14 +113,15 @@ def test_tag_and_main_resolve_to_their_commits_and_fetch_only_used_files(standin
         assert Path(entry["path"]) == snapshot(cache, "org/name", sha)
         assert entry["files"] == expected_files(files, "config.json", "model.safetensors")
         # the snapshot holds exactly the allowed files, with the bytes the Hub served at that commit
-        assert sorted(p.name for p in Path(entry["path"]).iterdir()) == ["config.json", "model.safetensors"]
-        for name in ("config.json", "model.safetensors"):
+        assert sorted(p.name for p in Path(entry["path"]).iterdir()) == ["config.json", "model.safetensors",
+                                                                         "tokenizer.json"]
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
             assert (Path(entry["path"]) / name).read_bytes() == files[name]
     assert result["model_a"]["source"] == "org/name@v1.0" and result["model_b"]["source"] == "org/name"
     assert not torch.equal(*(load((Path(result[s]["path"]) / "model.safetensors").read_bytes())[
         "model.layers.0.self_attn.q_proj.weight"] for s in ("model_a", "model_b")))
     fetched = {r.path.rsplit("/", 1)[-1] for r in standin.requests if "/resolve/" in r.path}
-    assert fetched == {"config.json", "model.safetensors"}  # README.md and the pickle were never asked for
+    assert fetched == {"config.json", "model.safetensors", "tokenizer.json"}  # not README, trainer state, pickle
 
 
 def test_sharded_weights_list_shards_and_index(standin, repos, cache):
@@ -227,6 +237,103 @@ def test_offline_mode_works_from_the_cache_alone(standin, repos, cache, monkeypa
     for text in ("org/name", f"org/name@{sha}"):
         assert resolve(parse_source(text), config(cache, text, text)) == online
     assert online["revision"] == sha and len(standin.requests) == served
+
+
+def large_weights(seed: int) -> bytes:
+    """24 MiB: more than two of the 10 MiB chunks huggingface_hub writes to disk at a time."""
+    return weights(seed, rows=3 * 2**18)
+
+
+def test_dropped_connection_mid_file_resumes_from_the_byte_reached(standin, repos, cache):
+    files = model_files(1, **{"model.safetensors": large_weights(1)})
+    commit(repos, "org/name", files)
+    cut = 2 * hf_constants.DOWNLOAD_CHUNK_SIZE  # what reached the disk; a drop loses a partly received chunk
+    standin.drop_after["model.safetensors"] = cut
+
+    entry = resolve(parse_source("org/name"), config(cache, "org/name", "org/name"))
+
+    assert (Path(entry["path"]) / "model.safetensors").read_bytes() == files["model.safetensors"]
+    ranges = [r.headers.get("range") for r in standin.requests if r.cdn and r.method == "GET"]
+    assert ranges == [None, f"bytes={cut}-"]  # one cut transfer, then only the rest of the file
+
+
+def no_disk_beyond(free: int):
+    """A stand-in for shutil.disk_usage that reports `free` bytes free on any path."""
+    return lambda path: SimpleNamespace(total=10**13, used=10**13 - free, free=free)
+
+
+def test_too_little_disk_space_stops_before_any_download_and_counts_only_missing_files(standin, repos, cache,
+                                                                                          monkeypatch):
+    a, b = model_files(1), model_files(2)
+    commit(repos, "org/a", a)
+    commit(repos, "org/b", b)
+    need_a, need_b = (len(f["config.json"]) + len(f["model.safetensors"]) for f in (a, b))
+    monkeypatch.setattr(shutil, "disk_usage", no_disk_beyond(need_a + need_b - 1))
+
+    with pytest.raises(WeightdiffError) as excinfo:
+        manifest(config(cache, "org/a", "org/b"))
+
+    assert (f"4 files still to download need {need_a + need_b:,} bytes" in str(excinfo.value)
+            and f"{cache.parent} has {need_a + need_b - 1:,} bytes" in str(excinfo.value))
+    assert not [r for r in standin.requests if r.method == "GET" and ("/resolve/" in r.path or r.cdn)]
+    assert not cache.exists()
+
+    # with A in the cache, only B's files count
+    resolve(parse_source("org/a"), config(cache, "org/a", "org/a"))
+    monkeypatch.setattr(shutil, "disk_usage", no_disk_beyond(need_b))
+    result = manifest(config(cache, "org/a", "org/b"))
+    assert (Path(result["model_b"]["path"]) / "model.safetensors").read_bytes() == b["model.safetensors"]
+
+
+def stage_env(hub_url: str, hf_home: Path) -> dict[str, str]:
+    """A stage subprocess's environment: the stand-in as the Hub, HF_HOME as its only cache, no user token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
+    return env | {"PYTHONPATH": str(REPO), "HF_ENDPOINT": hub_url, "HF_HOME": str(hf_home),
+                  "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def wait_for(found, proc: subprocess.Popen, timeout: float = 60.0):
+    """found()'s first truthy value, polled while proc runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if value := found():
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"not reached before the process ended (status {proc.poll()})")
+
+
+def relative_paths(result: dict, cache: Path) -> dict:
+    return {side: entry | {"path": str(Path(entry["path"]).relative_to(cache))} for side, entry in result.items()}
+
+
+def test_kill_9_mid_file_then_rerun_equals_an_uninterrupted_run(standin, repos, tmp_path, monkeypatch):
+    """`python -m stages.download` SIGKILLed while the weights stream in, rerun: same manifest, same bytes."""
+    files = model_files(1, **{"model.safetensors": large_weights(1)})
+    commit(repos, "org/name", files)
+    uninterrupted = manifest(config(tmp_path / "reference", "org/name", "org/name"))
+    hf_home = tmp_path / "hf-home-of-the-stage"
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    overrides = ["model_a=org/name", "model_b=org/name"]
+    standin.bytes_per_second = 16 * 2**20  # 1.5 s for the weights
+
+    with (tmp_path / "stderr.txt").open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "stages.download", *overrides], cwd=tmp_path,
+                                env=stage_env(standin.url, hf_home), stdout=subprocess.DEVNULL, stderr=stderr)
+        blobs = hf_home / "hub" / "models--org--name" / "blobs"
+        wait_for(lambda: [p for p in blobs.glob("*.incomplete") if p.stat().st_size > 0], proc)  # 10 of 24 MiB
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    assert not (tmp_path / "artifacts" / "manifest.json").exists()
+
+    standin.bytes_per_second = None
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hf_home / "hub"))  # what HF_HOME gave the stage
+    stages.download.main(run_config(overrides, params=tmp_path / "params.yaml"))
+
+    rerun = json.loads((tmp_path / "artifacts" / "manifest.json").read_text())
+    assert relative_paths(rerun, hf_home / "hub") == relative_paths(uninterrupted, tmp_path / "reference")
+    for name in ("config.json", "model.safetensors"):
+        assert (Path(rerun["model_a"]["path"]) / name).read_bytes() == files[name]
 
 
 # -- parsing -----------------------------------------------------------------------------------------------

@@ -4,12 +4,18 @@ The weights themselves are never a DVC dependency: hashing 70 GB on every run is
 model work. The manifest pins what was used instead: the commit sha of a Hub source (resolved before any
 byte is fetched, so a rerun gets the same files even after the repo moves on), file names and sizes, and
 for a local directory the files' modification times.
+
+Interruptions: huggingface_hub resumes a dropped connection within a run (a Range request from the byte
+reached), and files already in the cache are never fetched again. A killed run's partial file is not
+resumed (huggingface_hub 2.x writes each attempt to a fresh temporary file, huggingface/huggingface_hub#4196):
+the rerun fetches that file again from its start, so a kill costs at most the shards in flight.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +29,6 @@ try:  # the HTTP client under huggingface_hub (httpx2 from 2.x, httpx in 1.x); i
 except ImportError:
     from httpx import RequestError
 
-from weightdiff import demo
 from weightdiff.errors import WeightdiffError
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
@@ -62,6 +67,8 @@ def cache_root(cfg: DictConfig) -> Path:
 
 def demo_dir(cfg: DictConfig) -> Path:
     """Keyed by the demo settings and recipe, so changing either builds a new pair instead of reusing a stale one."""
+    from weightdiff import demo  # imports peft and transformers (5 s), which Hub and local sources never need
+
     recipe = OmegaConf.to_container(cfg.demo) | {"recipe": demo.RECIPE_VERSION}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return cache_root(cfg) / "weightdiff-demo" / key
@@ -70,6 +77,8 @@ def demo_dir(cfg: DictConfig) -> Path:
 def resolve(source: Source, cfg: DictConfig) -> dict:
     """The manifest entry for one source, fetching Hub files or building the demo pair as needed."""
     if source.kind == "demo":
+        from weightdiff import demo
+
         path = demo.make_pair(demo_dir(cfg), cfg.demo)[source.ref == "b"]
         return {"kind": "demo", "path": str(path), "revision": None, "files": file_list(path, with_mtime=False)}
     if source.kind == "local":
@@ -128,5 +137,47 @@ def file_list(model_dir: Path, with_mtime: bool) -> list[dict]:
             for p in files]
 
 
+def missing_files(source: Source, sha: str, cfg: DictConfig) -> dict[str, int]:
+    """Snapshot path → size of each allowed file at commit sha that the cache does not hold yet.
+
+    huggingface_hub's own dry run decides, so a file counts as held exactly when the download would skip it
+    (its blob already fetched, even for another commit). Sizes come from the Hub's file metadata.
+    """
+    try:
+        plan = snapshot_download(source.ref, revision=sha, allow_patterns=list(cfg.download.allow_patterns),
+                                 cache_dir=cfg.download.cache_dir, dry_run=True)
+    except HUB_ERRORS as e:
+        raise WeightdiffError(f"cannot list the files of {source.ref}@{sha} ({type(e).__name__}: {e})") from e
+    return {f.local_path: f.file_size or 0 for f in plan if f.will_download}
+
+
+def free_bytes(directory: Path) -> tuple[Path, int]:
+    """(the directory's nearest existing ancestor, its free bytes): the cache may not exist before the first run."""
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    return existing, shutil.disk_usage(existing).free
+
+
+def check_free_space(sources: list[Source], cfg: DictConfig) -> None:
+    """Before any weight is fetched: the missing files of all Hub sources together must fit in the cache.
+
+    Checking both models up front is the point: finding out that B does not fit after A's 70 GB arrived
+    costs hours.
+    """
+    missing: dict[str, int] = {}
+    for source in sources:
+        missing |= missing_files(source, hub_commit(source), cfg)
+    needed = sum(missing.values())
+    directory, free = free_bytes(cache_root(cfg))
+    if needed > free:
+        raise WeightdiffError(
+            f"not enough disk space: {len(missing)} files still to download need {needed:,} bytes "
+            f"({needed / 1e9:.1f} GB), {directory} has {free:,} bytes ({free / 1e9:.1f} GB) free; free some space "
+            "or point download.cache_dir (or HF_HUB_CACHE) at a larger disk")
+
+
 def manifest(cfg: DictConfig) -> dict:
-    return {side: {"source": cfg[side]} | resolve(parse_source(cfg[side]), cfg) for side in ("model_a", "model_b")}
+    sources = {side: parse_source(cfg[side]) for side in ("model_a", "model_b")}
+    hub = [s for s in sources.values() if s.kind == "hub"]
+    if hub and not hf_constants.HF_HUB_OFFLINE:
+        check_free_space(hub, cfg)
+    return {side: {"source": cfg[side]} | resolve(source, cfg) for side, source in sources.items()}
