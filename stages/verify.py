@@ -7,7 +7,8 @@ from weightdiff.verify import verify
 
 
 def main(cfg) -> None:
-    write_json(Path(cfg.paths.verify), verify(read_json(cfg.paths.manifest), list(cfg.verify.ignore_config_keys)))
+    write_json(Path(cfg.paths.verify), verify(read_json(cfg.paths.manifest), list(cfg.verify.ignore_config_keys),
+                                              cfg.verify.resized_embeddings))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, local_manifest
@@ -43,23 +44,68 @@ def test_sharded_checkpoints_verify_and_extract_like_single_files(tiny_pair, tmp
     assert (tmp_path / "x/adapter_model.safetensors").read_bytes() == (tmp_path / "y/adapter_model.safetensors").read_bytes()
 
 
-def test_different_architectures(tiny_pair, tmp_path):
-    b = edited_copy(tiny_pair[1], tmp_path / "b", lambda t: None)
-    config = json.loads((b / "config.json").read_text())
-    (b / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3, "intermediate_size": 96}))
-    with pytest.raises(WeightdiffError, match=r"different architectures.*intermediate_size: 128 vs 96.*num_hidden_layers: 2 vs 3"):
+def with_config(model_dir: Path, **changes) -> Path:
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | changes))
+    return model_dir
+
+
+@pytest.mark.parametrize(("changes", "shown"), [
+    ({"num_hidden_layers": 3, "intermediate_size": 96}, r"intermediate_size: 128 vs 96.*num_hidden_layers: 2 vs 3"),
+    ({"hidden_size": 96}, r"hidden_size: 64 vs 96"),
+    ({"hidden_size": 96, "vocab_size": 260}, r"hidden_size: 64 vs 96; vocab_size: 256 vs 260"),
+])
+def test_different_architectures(tiny_pair, tmp_path, changes, shown):
+    b = with_config(edited_copy(tiny_pair[1], tmp_path / "b", lambda t: None), **changes)
+    with pytest.raises(WeightdiffError, match=rf"different architectures: .*/config.json differ in {shown}"):
+        verify(local_manifest(tiny_pair[0], b), IGNORE, "skip")
+
+
+def resized_copy(src: Path, dst: Path, added_tokens: int) -> Path:
+    """src with its vocabulary grown by added_tokens (new rows in the embeddings and the LM head), as a fine-tune
+    that adds tokens saves it."""
+    def grow(t):
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            t[name] = torch.cat([t[name], t[name][:added_tokens]])
+    b = edited_copy(src, dst, grow)
+    return with_config(b, vocab_size=json.loads((src / "config.json").read_text())["vocab_size"] + added_tokens)
+
+
+def test_resized_embeddings_are_named_as_such_and_refused_by_default(tiny_pair, tmp_path):
+    b = resized_copy(tiny_pair[1], tmp_path / "b", added_tokens=4)
+    with pytest.raises(WeightdiffError, match=r"^vocab_size differs: resized embeddings \(.*/a/config.json has 256 "
+                                              r"tokens, .*/b/config.json 260; .*verify.resized_embeddings=skip"):
         verify(local_manifest(tiny_pair[0], b), IGNORE)
 
 
-def test_tensor_shape_and_presence_mismatches_name_tensor_and_both_values(tiny_pair, tmp_path):
+def test_resized_embeddings_skip_accepts_only_vocabulary_sized_differences(tiny_pair, tmp_path, cfg):
+    b = resized_copy(tiny_pair[1], tmp_path / "b", added_tokens=4)
+    report = verify(local_manifest(tiny_pair[0], b), IGNORE, "skip")
+    assert report["resized_embeddings"] == ["lm_head.weight", "model.embed_tokens.weight"]
+    run_extract(tiny_pair[0], b, tmp_path / "adapter", cfg)  # extraction leaves them out
+    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors").keys()
+    assert keys and not [k for k in keys if "embed_tokens" in k or "lm_head" in k]
+
+    other = edited_copy(b, tmp_path / "other", lambda t: t.__setitem__(  # one more tensor differs: still refused
+        "model.layers.0.mlp.up_proj.weight", t["model.layers.0.mlp.up_proj.weight"][:100]))
+    with pytest.raises(WeightdiffError, match=r"up_proj.weight: shape \(128, 64\) in A .* vs \(100, 64\) in B") as e:
+        verify(local_manifest(tiny_pair[0], other), IGNORE, "skip")
+    assert "embed_tokens" not in str(e.value)
+
+
+def test_tensor_shape_dtype_and_presence_mismatches_name_tensor_and_both_values(tiny_pair, tmp_path):
     def edit(t):
         t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][:100]
-        del t["model.norm.weight"]
+        t["model.layers.1.self_attn.k_proj.weight"] = t["model.layers.1.self_attn.k_proj.weight"].float()
+        t["model.layers.2.mlp.up_proj.weight"] = t.pop("model.norm.weight")
     b = edited_copy(tiny_pair[1], tmp_path / "b", edit)
     with pytest.raises(WeightdiffError) as e:
         verify(local_manifest(tiny_pair[0], b), IGNORE)
     assert "model.layers.0.mlp.up_proj.weight: shape (128, 64) in A (model.safetensors) vs (100, 64) in B" in str(e.value)
-    assert "model.norm.weight: only in A" in str(e.value)
+    assert ("model.layers.1.self_attn.k_proj.weight: dtype BF16 in A (model.safetensors) vs F32 in B "
+            "(model.safetensors)") in str(e.value)
+    assert "model.norm.weight: only in A (model.safetensors)" in str(e.value)
+    assert "model.layers.2.mlp.up_proj.weight: only in B (model.safetensors)" in str(e.value)
 
 
 def test_missing_shard(tiny_pair, tmp_path):
@@ -86,9 +132,10 @@ def test_broken_safetensors_header(tiny_pair, tmp_path, damage):
         verify(local_manifest(tiny_pair[0], b), IGNORE)
 
 
-def test_nan_in_a_delta_names_the_tensor_and_leaves_no_adapter(tiny_pair, tmp_path, cfg):
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_nan_in_a_delta_names_the_tensor_and_leaves_no_adapter(tiny_pair, tmp_path, cfg, value):
     name = "model.layers.1.mlp.gate_proj.weight"
-    b = edited_copy(tiny_pair[1], tmp_path / "b", lambda t: t[name].__setitem__((3, 5), math.nan))
+    b = edited_copy(tiny_pair[1], tmp_path / "b", lambda t: t[name].__setitem__((3, 5), value))
     with pytest.raises(WeightdiffError, match=rf"{b}/model.safetensors: tensor {name} has 1 NaN/Inf values"):
         run_extract(tiny_pair[0], b, tmp_path / "adapter", cfg)
     assert not (tmp_path / "adapter").exists() and not list(tmp_path.glob(".adapter*"))
@@ -100,13 +147,31 @@ def test_nonexistent_local_path(source):
         parse_source(source)
 
 
+def stage_cli(stage: str, cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m stages.<stage> [overrides]` run as a user runs it, from a directory holding params.yaml."""
+    (cwd / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *overrides], cwd=cwd,
+                          env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+
+
 def test_stage_cli_reports_the_error_in_one_line_and_exits_nonzero(tiny_pair, tmp_path):
     """What a user sees from `python -m stages.download model_a=...`: no traceback, status 1."""
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    env = os.environ | {"PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "stages.download", "model_a=/data/nope", f"model_b={tiny_pair[1]}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    proc = stage_cli("download", tmp_path, "model_a=/data/nope", f"model_b={tiny_pair[1]}")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: model source '/data/nope': no such local directory, and not a Hub id (org/name[@revision])")
     assert "Traceback" not in proc.stderr and not (tmp_path / "artifacts").exists()
+
+
+def test_verify_stage_cli_names_the_broken_file_and_writes_no_report(tiny_pair, tmp_path):
+    b = edited_copy(tiny_pair[1], tmp_path / "b", lambda t: None)
+    data = (b / "model.safetensors").read_bytes()
+    (b / "model.safetensors").write_bytes(data[:8] + b"\0" + data[9:])  # a header that is not JSON any more
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "manifest.json").write_text(json.dumps(local_manifest(tiny_pair[0], b)))
+
+    proc = stage_cli("verify", tmp_path)
+
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {b}/model.safetensors: not a readable safetensors")
+    assert not (tmp_path / "artifacts" / "verify.json").exists()
