@@ -8,10 +8,10 @@ from weightdiff.files import read_json, write_atomic, write_json
 
 def main(cfg) -> None:
     metrics, reports = extract(read_json(cfg.paths.index), read_json(cfg.paths.manifest), cfg.extract,
-                               Path(cfg.paths.adapter))
+                               Path(cfg.paths.adapter), Path(cfg.paths.checkpoints))
     write_json(Path(cfg.paths.tensors), {"rank": metrics["rank"], "alpha": metrics["alpha"],
                                          "dtype": cfg.extract.dtype, "tensors": reports})
-    curve = "rank,energy\n" + "".join(f"{k},{e:.8f}\n" for k, e in energy_curve(reports, metrics["rank"]))
+    curve = "rank,energy\n" + "".join(f"{k},{e:.8f}\n" for k, e in energy_curve(reports, metrics["rank_max"]))
     write_atomic(Path(cfg.paths.energy_curve), curve.encode())
     write_json(Path(cfg.paths.extract_metrics), metrics)
 

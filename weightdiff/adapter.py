@@ -22,19 +22,20 @@ def exact_pattern(module: str) -> str:
     return re.escape(module)
 
 
-def target_modules_field(extracted: list[str], target_modules: list[str], candidates: list[str]) -> list[str] | str:
-    """The readable list of names when every candidate module got factors, else a regex of exactly those that did.
+def target_modules_field(extracted: list[str], names: list[str], modules: list[str]) -> list[str] | str:
+    """The readable list of names when it matches exactly the modules that got factors, else a regex of those.
 
-    PEFT wraps every module the field matches; one without factors in the file (a zero delta we skipped)
-    would load with "Found missing adapter keys", so such a module must not match.
+    PEFT wraps every module the field matches; one without factors in the file (a zero delta we skipped,
+    a layer the names also hit) would load with "Found missing adapter keys".
     """
-    if set(extracted) == set(candidates):
-        return sorted({t for t in target_modules if any(is_target(m, [t]) for m in extracted)})
+    used = sorted({t for t in names if any(is_target(m, [t]) for m in extracted)})
+    if {m for m in modules if is_target(m, used)} == set(extracted):
+        return used
     return "(" + "|".join(re.escape(m) for m in sorted(extracted)) + ")"
 
 
 def adapter_config(*, base_model: str, rank: int, alpha: float, target_modules: list[str] | str,
-                   rank_pattern: dict[str, int]) -> dict:
+                   rank_pattern: dict[str, int], alpha_pattern: dict[str, float]) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -43,7 +44,7 @@ def adapter_config(*, base_model: str, rank: int, alpha: float, target_modules: 
         "lora_alpha": alpha,
         "target_modules": target_modules,
         "rank_pattern": rank_pattern,
-        "alpha_pattern": {},
+        "alpha_pattern": alpha_pattern,
         "lora_dropout": 0.0,
         "bias": "none",
         "use_rslora": False,

@@ -62,7 +62,11 @@ def tensor_infos(model_dir: Path) -> dict[str, TensorInfo]:
 
 
 class TensorReader:
-    """Reads tensors of one checkpoint one at a time, keeping each shard open (mapped) once."""
+    """Reads tensors of one checkpoint one at a time, keeping each shard open (mapped) until `unmap()`.
+
+    Pages of a mapped shard that were read count in the process's RSS for as long as it stays mapped, so
+    a long extraction unmaps after each unit of work: memory then follows the tensors, not the shards.
+    """
 
     def __init__(self, model_dir: Path):
         self.model_dir = model_dir
@@ -73,7 +77,10 @@ class TensorReader:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._open.clear()  # unmaps the shards
+        self.unmap()
+
+    def unmap(self) -> None:
+        self._open.clear()
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.shards:

@@ -1,4 +1,10 @@
-"""ΔW = W_B − W_A, one tensor pair at a time, compressed into PEFT LoRA factors by truncated SVD."""
+"""ΔW = W_B − W_A, one unit of work at a time, compressed into a PEFT adapter by truncated SVD.
+
+Units are read ahead on a background thread (weightdiff.stream), decomposed on the configured device,
+and each finished unit is checkpointed (weightdiff.resume) so that an interrupted run resumes; the
+adapter is assembled in plan order at the end, so a resumed run writes the same bytes as an
+uninterrupted one.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,67 +13,67 @@ import shutil
 import tempfile
 import time
 import zlib
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from weightdiff.adapter import (adapter_config, adapter_config_json, exact_pattern, is_target, lora_keys,
+from weightdiff.adapter import (PREFIX, adapter_config, adapter_config_json, exact_pattern, is_target, lora_keys,
                                 target_modules_field)
 from weightdiff.checkpoint import TensorReader
 from weightdiff.errors import WeightdiffError
 from weightdiff.files import write_atomic
-from weightdiff.lowrank import lora_factors, truncated_svd
+from weightdiff.lowrank import Truncated, lora_factors, truncated_svd
+from weightdiff.plan import Unit, model_modules, units
+from weightdiff.rank import auto_rank, chosen_rank, energy_rank, noise_floor, sketch_rank
+from weightdiff.resume import Checkpoint, checkpoint_key
+from weightdiff.stream import Delta, deltas, pair_delta
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+STORAGE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
-def linear_modules(config: dict) -> set[str] | None:
-    """Paths of the nn.Linear modules of the model as transformers builds it (on the meta device: no memory).
+@dataclass(frozen=True)
+class Options:
+    """The extract settings, resolved once (auto rank, alpha, device) for every unit."""
+    rank: int
+    policy: str
+    energy: float
+    max_rank: int
+    alpha: float | None  # None: each module's alpha equals its rank (scaling 1)
+    dtype: torch.dtype
+    device: torch.device
+    svd: DictConfig
+    lora_bias: bool  # every LoRA module carries lora_B.bias (PEFT's lora_bias), which holds Δb
 
-    LoRA factors only mean something on a Linear; an embedding or a norm that matches a target name
-    must be refused, not silently given lora_A/lora_B keys PEFT would drop. None when transformers
-    cannot build the architecture.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        cfg = AutoConfig.for_model(**config)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
-    except Exception as e:  # unknown model_type, remote code...: fall back to the checkpoint's shapes
-        log.warning("transformers cannot build %s (%s): taking every 2D .weight as a linear layer",
-                    config.get("model_type"), e)
-        return None
-    return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    def scaling(self, rank: int) -> float:
+        return 1.0 if self.alpha is None else self.alpha / rank
 
 
-def target_tensors(tensors: dict[str, dict], target_modules: list[str], linears: set[str] | None) -> list[str]:
-    """Names of the weight tensors extraction decomposes, in checkpoint order."""
-    names = [n for n, t in tensors.items() if n.endswith(".weight") and is_target(t["module"], target_modules)]
-    if not names:
-        kinds = sorted({t["kind"] for t in tensors.values() if len(t["shape"]) == 2})
-        raise WeightdiffError(f"extract.target_modules={list(target_modules)} matches no weight of the model; "
-                              f"modules with 2D weights are: {', '.join(kinds)}")
-    not_linear = [n for n in names if (linears is not None and tensors[n]["module"] not in linears)
-                  or len(tensors[n]["shape"]) != 2]
-    if not_linear:
-        raise WeightdiffError(f"extract.target_modules={list(target_modules)} selects tensors that are not linear "
-                              f"layers, which LoRA factors cannot express: {', '.join(not_linear[:5])}")
-    return names
-
-
-def delta(name: str, reader_a: TensorReader, reader_b: TensorReader) -> torch.Tensor:
-    """W_B − W_A in fp32; non-finite weights are an error naming the model and the tensor, not a NaN adapter."""
-    wa, wb = reader_a.get(name).float(), reader_b.get(name).float()
-    for reader, w in ((reader_a, wa), (reader_b, wb)):
-        bad = (~torch.isfinite(w)).sum().item()
-        if bad:
-            raise WeightdiffError(f"{reader.model_dir / reader.shards[name]}: tensor {name} has {bad} NaN/Inf values")
-    return wb - wa
+def resolved_options(settings: DictConfig, parameters: int) -> Options:
+    if settings.dtype not in DTYPES:
+        raise WeightdiffError(f"extract.dtype must be one of {', '.join(DTYPES)}, not {settings.dtype!r}")
+    rank = auto_rank(parameters) if settings.rank == "auto" else settings.rank
+    if not isinstance(rank, int) or rank < 1:
+        raise WeightdiffError(f"extract.rank must be a positive integer or auto, not {settings.rank!r}")
+    device = settings.get("device", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise WeightdiffError(f"extract.device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise WeightdiffError("extract.device=cuda but torch sees no CUDA device")
+    device = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    policy = settings.get("rank_policy", "fixed")
+    max_rank = int(settings.get("max_rank", rank))
+    sketch_rank(policy, rank, max_rank)  # validates the policy name
+    return Options(rank=rank, policy=policy, energy=float(settings.get("energy", 0.9)), max_rank=max_rank,
+                   alpha=None if settings.alpha is None else float(settings.alpha), dtype=DTYPES[settings.dtype],
+                   device=torch.device(device), svd=settings.svd,
+                   lora_bias=settings.get("extras", {}).get("biases", "skip") == "lora")
 
 
 def tensor_seed(name: str, seed: int) -> int:
@@ -75,28 +81,91 @@ def tensor_seed(name: str, seed: int) -> int:
     return seed * 1_000_003 + zlib.crc32(name.encode())
 
 
-def decompose(name: str, module: str, dw: torch.Tensor, settings: DictConfig, alpha: float) -> tuple[dict, dict]:
-    """(tensor report, {key: factor}) for one delta."""
-    norm = dw.norm().item()
-    report = {"name": name, "module": module, "shape": list(dw.shape), "delta_norm": norm}
-    if norm == 0.0:
-        return report | {"status": "zero", "rank": 0, "energy": 1.0, "rel_error": 0.0, "singular_values": []}, {}
-    rank = min(settings.rank, *dw.shape)
-    svd = settings.svd
-    t = truncated_svd(dw, rank, svd.method, svd.oversample, svd.power_iters, tensor_seed(name, svd.seed))
-    scaling = alpha / rank
-    B, A = (f.to(DTYPES[settings.dtype]).contiguous() for f in lora_factors(t, scaling))
+def spectrum(dw: torch.Tensor, rank: int, name: str, opts: Options) -> Truncated:
+    svd = opts.svd
+    return truncated_svd(dw.to(opts.device), rank, svd.method, svd.oversample, svd.power_iters, tensor_seed(name, svd.seed))
+
+
+def keep(t: Truncated, rank: int) -> Truncated:
+    return Truncated(t.U[:, :rank].cpu(), t.S[:rank].cpu(), t.Vh[:rank].cpu())
+
+
+def stats(delta: Delta, norm: float) -> dict:
+    return {"name": delta.name, "shape": list(delta.value.shape), "delta_norm": norm}
+
+
+def decompose_linear(unit: Unit, ds: list[Delta], opts: Options, storage_dtype: str) -> tuple[list[dict], dict]:
+    """LoRA factors with scaling·B·A = the kept part of the SVD of ΔW (and lora_B.bias = Δb / scaling)."""
+    weight, bias = ds[0], (ds[1] if len(ds) > 1 else None)
+    dw, norm = weight.value, weight.value.norm().item()
+    report = stats(weight, norm)
+    if norm == 0.0 and (bias is None or not bias.value.any()):
+        return [report | {"status": "zero", "rank": 0, "energy": 1.0, "rel_error": 0.0, "singular_values": []}], {}
+    cap = min(sketch_rank(opts.policy, opts.rank, opts.max_rank), *dw.shape)
+    full = spectrum(dw, cap, weight.name, opts)
+    floor = noise_floor(tuple(dw.shape), storage_dtype, weight.rms_a, weight.rms_b) if opts.policy == "noise_floor" else 0.0
+    rank = chosen_rank(opts.policy, full.S, norm**2, energy=opts.energy, floor=floor) if norm else 1
+    t = keep(full, rank)
+    scaling = opts.scaling(rank)
+    B, A = (f.to(opts.dtype).contiguous() for f in lora_factors(t, scaling))
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-        raise WeightdiffError(f"{name}: LoRA factors (largest singular value {t.S[0].item():.4g}) overflow "
-                              f"{settings.dtype}; use extract.dtype=bf16 or fp32")
-    rel_error = (dw - scaling * (B.float() @ A.float())).norm().item() / norm
-    key_a, key_b = lora_keys(module)
-    return report | {"status": "extracted", "rank": rank, "energy": (t.S.square().sum().item()) / norm**2,
-                     "rel_error": rel_error, "singular_values": t.S.tolist()}, {key_a: A, key_b: B}
+        raise WeightdiffError(f"{weight.name}: LoRA factors (largest singular value {t.S[0].item():.4g}) overflow "
+                              f"{opts.dtype}; use extract.dtype=bf16 or fp32")
+    key_a, key_b = lora_keys(unit.module)
+    factors = {key_a: A, key_b: B}
+    if opts.lora_bias:
+        db = bias.value if bias is not None else torch.zeros(dw.shape[0])
+        factors[key_b.removesuffix("weight") + "bias"] = (db / scaling).to(opts.dtype)
+    rel_error = (dw - scaling * (B.float() @ A.float())).norm().item() / norm if norm else 0.0
+    energy = t.S.square().sum().item() / norm**2 if norm else 1.0
+    report |= {"status": "extracted", "rank": rank, "energy": energy, "rel_error": rel_error,
+               "singular_values": t.S.tolist()}
+    if opts.policy == "noise_floor":
+        report["noise_floor"] = floor
+    reports = [report] + ([stats(bias, bias.value.norm().item()) | {"status": "lora_bias"}] if bias else [])
+    return reports, factors
+
+
+def decompose_embedding(unit: Unit, ds: list[Delta], opts: Options) -> tuple[list[dict], dict]:
+    """PEFT's Embedding LoRA adds scaling·(B·A)ᵀ to the [vocab, dim] table: A = √Σ·Uᵀ [r, vocab], B = V·√Σ [dim, r]."""
+    (d,) = ds
+    norm = d.value.norm().item()
+    if norm == 0.0:
+        return [stats(d, norm) | {"status": "zero", "rank": 0, "energy": 1.0, "rel_error": 0.0, "singular_values": []}], {}
+    t = keep(spectrum(d.value, min(opts.rank, *d.value.shape), d.name, opts), min(opts.rank, *d.value.shape))
+    scaling = opts.scaling(len(t.S))
+    B_t, A_t = lora_factors(Truncated(t.Vh.T, t.S, t.U.T), scaling)  # the SVD of ΔWᵀ
+    factors = {f"{PREFIX}{unit.module}.lora_embedding_A": A_t.to(opts.dtype).contiguous(),
+               f"{PREFIX}{unit.module}.lora_embedding_B": B_t.to(opts.dtype).contiguous()}
+    rel_error = (d.value - scaling * (B_t @ A_t).T).norm().item() / norm
+    return [stats(d, norm) | {"status": "extracted", "rank": len(t.S), "energy": t.S.square().sum().item() / norm**2,
+                              "rel_error": rel_error, "singular_values": t.S.tolist()}], factors
+
+
+def whole_module(unit: Unit, ds: list[Delta]) -> tuple[list[dict], dict]:
+    """modules_to_save: B's own weights, stored under the module path, replace A's module entirely."""
+    factors = {f"{PREFIX}{d.name}": d.b.contiguous() for d in ds}
+    return [stats(d, d.value.norm().item()) | {"status": "saved", "bytes": d.b.numel() * d.b.element_size()}
+            for d in ds], factors
+
+
+def measured(ds: list[Delta]) -> list[dict]:
+    return [stats(d, d.value.norm().item()) | {"status": "skipped"} for d in ds]
+
+
+def decompose(unit: Unit, ds: list[Delta], opts: Options, tensors: dict) -> tuple[list[dict], dict]:
+    if unit.kind == "linear":
+        return decompose_linear(unit, ds, opts, tensors[unit.tensors[0]]["dtype"])
+    if unit.kind == "embedding":
+        return decompose_embedding(unit, ds, opts)
+    if unit.kind == "whole":
+        return whole_module(unit, ds)
+    return measured(ds), {}
 
 
 def energy_curve(reports: list[dict], max_rank: int) -> list[tuple[int, float]]:
-    """Global energy kept if every tensor were cut at rank k, for k = 1..max_rank, from the stored spectra."""
+    """Global energy kept if every decomposed tensor were cut at rank k, for k = 1..max_rank, from the spectra."""
+    reports = [r for r in reports if "singular_values" in r]
     total = sum(r["delta_norm"] ** 2 for r in reports) or 1.0
     return [(k, sum(sum(s * s for s in r["singular_values"][:k]) for r in reports) / total)
             for k in range(1, max_rank + 1)]
@@ -120,53 +189,156 @@ def write_adapter(out_dir: Path, factors: dict[str, torch.Tensor], config: dict)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def extract(index: dict, manifest: dict, settings: DictConfig, adapter_dir: Path) -> tuple[dict, list[dict]]:
+def sampled_exact_check(ds: list[Delta], report: dict, opts: Options) -> None:
+    """Adds the exact SVD's energy at the same rank, to measure what the randomized one gives up."""
+    S = torch.linalg.svdvals(ds[0].value.to(opts.device)).cpu()
+    report["energy_exact"] = S[: report["rank"]].square().sum().item() / report["delta_norm"] ** 2
+
+
+def rank_needed(dw: torch.Tensor, target: float, name: str, opts: Options) -> int | None:
+    """The rank the energy target would take for one delta (None: more than 1024), for the diagnosis."""
+    cap = min(1024, *dw.shape)
+    t = truncated_svd(dw.to(opts.device), cap, "randomized", opts.svd.oversample, 2, tensor_seed(name, opts.svd.seed))
+    r = energy_rank(t.S.cpu(), dw.norm().item() ** 2, target)
+    return None if r == cap and cap < min(dw.shape) and t.S.square().sum() < target * dw.norm() ** 2 else r
+
+
+def diagnosis(reports: list[dict], opts: Options, target: float, readers, worst: int = 3) -> dict:
+    """Whether ΔW looks low-rank at this rank; if not, the worst tensors and the rank the energy target needs."""
+    extracted = [r for r in reports if r.get("status") == "extracted" and "singular_values" in r]
+    total = sum(r["delta_norm"] ** 2 for r in extracted) or 1.0
+    energy = sum(r["energy"] * r["delta_norm"] ** 2 for r in extracted) / total
+    if energy >= target:
+        return {"low_rank": True, "energy": energy, "target": target}
+    worst_reports = sorted(extracted, key=lambda r: r["energy"])[:worst]
+    rows = []
+    for r in worst_reports:
+        dw = pair_delta(r["name"], *readers).value
+        rows.append({"name": r["name"], "energy": r["energy"], "rank": r["rank"],
+                     "rank_needed": rank_needed(dw, target, r["name"], opts)})
+    for reader in readers:
+        reader.unmap()
+    shown = "; ".join(f"{w['name']}: energy {w['energy']:.3f} at rank {w['rank']}, needs "
+                      f"{w['rank_needed'] or '>1024'} for {target:g}" for w in rows)
+    log.warning("ΔW is not low-rank at this rank (energy kept %.3f < %g): a full fine-tune rather than a merged "
+                "LoRA? Worst tensors: %s", energy, target, shown)
+    return {"low_rank": False, "energy": energy, "target": target, "worst": rows}
+
+
+def extract(index: dict, manifest: dict, settings: DictConfig, adapter_dir: Path,
+            checkpoint_root: Path | None = None) -> tuple[dict, list[dict]]:
     """Writes the adapter; returns (summary metrics, per-tensor reports)."""
-    if settings.dtype not in DTYPES:
-        raise WeightdiffError(f"extract.dtype must be one of {', '.join(DTYPES)}, not {settings.dtype!r}")
-    if int(settings.rank) < 1:
-        raise WeightdiffError(f"extract.rank must be a positive integer, not {settings.rank!r}")
     start = time.perf_counter()
     tensors = index["model_a"]["tensors"]
-    names = target_tensors(tensors, list(settings.target_modules), linear_modules(index["model_a"]["config"]))
-    alpha = float(settings.alpha if settings.alpha is not None else settings.rank)
-    log.info("extracting %d tensors at rank %d, alpha %g, factors in %s", len(names), settings.rank, alpha, settings.dtype)
-    reports, factors = [], {}
-    with TensorReader(Path(manifest["model_a"]["path"])) as ra, TensorReader(Path(manifest["model_b"]["path"])) as rb:
-        for name in tqdm(names, desc="extract", unit="tensor"):
-            entry = tensors[name]
-            report, f = decompose(name, entry["module"], delta(name, ra, rb), settings, alpha)
-            reports.append(report | {"layer": entry["layer"], "kind": entry["kind"]})
-            factors.update(f)
-    extracted = [r for r in reports if r["status"] == "extracted"]
+    parameters = sum(math.prod(t["shape"]) for t in tensors.values())
+    opts = resolved_options(settings, parameters)
+    modules = model_modules(index["model_a"]["config"])
+    plan = units(tensors, settings, modules)
+    log.info("extracting %d linear modules (%s) at rank %d (%s policy%s), alpha %s, factors in %s, on %s",
+             sum(u.kind == "linear" for u in plan),
+             settings.target_modules if isinstance(settings.target_modules, str) else ",".join(settings.target_modules),
+             opts.rank if opts.policy == "fixed" else opts.max_rank, opts.policy,
+             "" if opts.policy == "fixed" else f", capped at {opts.max_rank}",
+             "= rank" if opts.alpha is None else f"{opts.alpha:g}", settings.dtype, opts.device)
+    checkpoint = Checkpoint(checkpoint_root or adapter_dir.parent / ".checkpoints",
+                            checkpoint_key(manifest, OmegaConf.to_container(settings, resolve=True)))
+    if checkpoint.done():
+        log.info("resuming: %d of %d units already done (%s)", checkpoint.done(), len(plan), checkpoint.dir)
+    results: dict[int, tuple[list[dict], dict]] = {}
+    todo = []
+    for i, unit in enumerate(plan):
+        done = checkpoint.load(unit_id(unit))
+        if done is None:
+            todo.append(i)
+        else:
+            results[i] = done
+    check_every = max(1, math.ceil(sum(plan[i].kind == "linear" for i in todo) / max(opts.svd.get("check_samples", 0), 1)))
+    readers = (TensorReader(Path(manifest["model_a"]["path"])), TensorReader(Path(manifest["model_b"]["path"])))
+    stream = deltas([plan[i] for i in todo], *readers, prefetch=int(settings.get("prefetch", 1)),
+                    rms=opts.policy == "noise_floor")
+    linear_seen = 0
+    with closing(stream):
+        for i, ds in tqdm(zip(todo, stream), total=len(plan), initial=len(plan) - len(todo), desc="extract", unit="module"):
+            unit = plan[i]
+            reports, factors = decompose(unit, ds, opts, tensors)
+            if unit.kind == "linear" and reports[0]["status"] == "extracted":
+                if opts.svd.get("check_samples", 0) and linear_seen % check_every == 0 and opts.svd.method != "exact":
+                    sampled_exact_check(ds, reports[0], opts)
+                linear_seen += 1
+            for r in reports:
+                entry = tensors[r["name"]]
+                r |= {"module": unit.module, "layer": entry["layer"], "kind": entry["kind"], "unit": unit.kind}
+            checkpoint.save(unit_id(unit), reports, factors)
+            results[i] = (reports, factors)
+    reports = [r for i in range(len(plan)) for r in results[i][0]]
+    factors = {k: v for i in range(len(plan)) for k, v in results[i][1].items()}
+    metrics = summary(reports, factors, opts, manifest)
+    metrics["diagnosis"] = diagnosis(reports, opts, opts.energy, readers)
+    config = adapter_config_for(plan, reports, tensors, settings, opts, manifest)
+    write_adapter(adapter_dir, factors, config)
+    checkpoint.remove()
+    metrics["adapter_bytes"] = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    metrics["compression_ratio"] = metrics["model_bytes"] / metrics["adapter_bytes"]
+    metrics["seconds"] = round(time.perf_counter() - start, 3)
+    return metrics, reports
+
+
+def unit_id(unit: Unit) -> str:
+    return unit.module + ":" + ",".join(unit.tensors)
+
+
+def summary(reports: list[dict], factors: dict, opts: Options, manifest: dict) -> dict:
+    linear = [r for r in reports if r.get("unit") == "linear" and "energy" in r]
+    extracted = [r for r in linear if r["status"] == "extracted"]
     if not extracted:
-        raise WeightdiffError(f"A and B are identical on all {len(names)} target tensors: there is nothing to extract")
-    clamped = [r for r in extracted if r["rank"] < settings.rank]
-    for r in clamped:
-        log.warning("%s %s is smaller than rank %d: clamped to rank %d", r["name"], r["shape"], settings.rank, r["rank"])
-    zero = [r["name"] for r in reports if r["status"] == "zero"]
+        raise WeightdiffError(f"A and B are identical on all {len(linear)} target tensors: there is nothing to extract")
+    zero = [r["name"] for r in linear if r["status"] == "zero"]
     if zero:
         log.warning("%d tensors have an all-zero delta and are left out of the adapter: %s", len(zero), ", ".join(zero[:5]))
-    config = adapter_config(
-        base_model=base_model_name(manifest["model_a"]), rank=int(settings.rank), alpha=alpha,
-        target_modules=target_modules_field([r["module"] for r in extracted], list(settings.target_modules),
-                                            [tensors[n]["module"] for n in names]),
-        rank_pattern={exact_pattern(r["module"]): r["rank"] for r in clamped})
-    write_adapter(adapter_dir, factors, config)
-    total_sq = sum(r["delta_norm"] ** 2 for r in reports)
-    adapter_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
-    model_bytes = sum(f["size"] for f in manifest["model_b"]["files"] if f["name"].endswith(".safetensors"))
-    metrics = {
-        "rank": int(settings.rank), "alpha": alpha,
-        "tensors_total": len(reports), "tensors_extracted": len(extracted), "tensors_zero": len(zero),
+    clamped = [r for r in extracted if opts.policy == "fixed" and r["rank"] < opts.rank]
+    for r in clamped:
+        log.warning("%s %s is smaller than rank %d: clamped to rank %d", r["name"], r["shape"], opts.rank, r["rank"])
+    total_sq = sum(r["delta_norm"] ** 2 for r in linear)
+    checked = [r for r in extracted if "energy_exact" in r]
+    skipped = [r for r in reports if r["status"] == "skipped"]
+    saved = [r for r in reports if r["status"] == "saved"]
+    return {
+        "rank": opts.rank, "rank_policy": opts.policy, "alpha": opts.alpha if opts.alpha is not None else float(opts.rank),
+        "tensors_total": len(linear), "tensors_extracted": len(extracted), "tensors_zero": len(zero),
         "tensors_clamped": len(clamped),
-        "energy": sum(r["energy"] * r["delta_norm"] ** 2 for r in reports) / total_sq if total_sq else 1.0,
+        "rank_mean": sum(r["rank"] for r in extracted) / len(extracted),
+        "rank_max": max(r["rank"] for r in extracted),
+        "energy": sum(r["energy"] * r["delta_norm"] ** 2 for r in linear) / total_sq if total_sq else 1.0,
         "energy_min": min(r["energy"] for r in extracted),
         "rel_error_max": max(r["rel_error"] for r in extracted),
         "delta_norm_total": math.sqrt(total_sq),
-        "adapter_bytes": adapter_bytes, "model_bytes": model_bytes,
-        "compression_ratio": model_bytes / adapter_bytes,
+        "svd_check": {"tensors": len(checked),
+                      "max_energy_gap": max((r["energy_exact"] - r["energy"] for r in checked), default=0.0)},
+        "extras": {"saved": len(saved), "saved_bytes": sum(r["bytes"] for r in saved), "skipped": len(skipped),
+                   "skipped_delta_norm": math.sqrt(sum(r["delta_norm"] ** 2 for r in skipped))},
+        "model_bytes": sum(f["size"] for f in manifest["model_b"]["files"] if f["name"].endswith(".safetensors")),
         "adapter_params": sum(f.numel() for f in factors.values()),
-        "seconds": round(time.perf_counter() - start, 3),
     }
-    return metrics, reports
+
+
+def adapter_config_for(plan: list[Unit], reports: list[dict], tensors: dict, settings: DictConfig, opts: Options,
+                       manifest: dict) -> dict:
+    by_module = {r["module"]: r for r in reports if r["name"].endswith(".weight")}
+    candidates = [u.module for u in plan if u.kind in ("linear", "embedding")]
+    extracted = [m for m in candidates if by_module[m]["status"] == "extracted"]
+    names = [] if isinstance(settings.target_modules, str) else list(settings.target_modules)
+    names += sorted({m.rpartition(".")[2] for m in candidates if not is_target(m, names)})
+    ranks = {m: by_module[m]["rank"] for m in extracted}
+    r = opts.rank if opts.policy == "fixed" else max(ranks.values())
+    config = adapter_config(
+        base_model=base_model_name(manifest["model_a"]), rank=r,
+        alpha=float(r) if opts.alpha is None else opts.alpha,
+        target_modules=target_modules_field(extracted, names, sorted({t["module"] for t in tensors.values()})),
+        rank_pattern={exact_pattern(m): k for m, k in ranks.items() if k != r},
+        alpha_pattern={exact_pattern(m): float(k) for m, k in ranks.items() if k != r and opts.alpha is None})
+    saved = sorted({u.module for u in plan if u.kind == "whole"})
+    if saved:
+        config["modules_to_save"] = saved
+    if opts.lora_bias:
+        config["lora_bias"] = True
+    return config

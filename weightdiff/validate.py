@@ -46,7 +46,9 @@ def log_probs(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def key_mismatches(model: PeftModel, adapter_dir: Path) -> tuple[list[str], list[str]]:
     """(keys PEFT expects that the file lacks, keys in the file PEFT has no place for)."""
-    expected = set(get_peft_model_state_dict(model).keys())
+    # save_embedding_layers=False: PEFT would otherwise expect the base embedding/lm_head weights of a
+    # LoRA-targeted embedding, which it saves for resized vocabularies but never needs to load.
+    expected = set(get_peft_model_state_dict(model, save_embedding_layers=False).keys())
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
         present = set(f.keys())
     return sorted(expected - present), sorted(present - expected)
