@@ -90,7 +90,7 @@ def test_second_repro_runs_nothing(project):
 def test_rank_change_reruns_extract_and_what_follows_only(project):
     params = project.root / "params.yaml"
     original = params.read_text()
-    params.write_text(original.replace("  rank: 16\n", "  rank: 8\n"))
+    params.write_text(original.replace("  rank: auto\n", "  rank: 8\n"))
     status = project.run("dvc", "status")
     assert "extract:" in status and not re.search(r"^(download|verify|index):", status, re.M)
     assert project.repro() == ["extract", "validate", "gguf-convert", "figures", "paper"]
