@@ -3,10 +3,11 @@ from pathlib import Path
 
 from weightdiff.cli import run_stage
 from weightdiff.download import manifest
-from weightdiff.files import write_json
+from weightdiff.files import require_writable, write_json
 
 
 def main(cfg) -> None:
+    require_writable(Path(cfg.paths.manifest).parent)  # before the download, which can take hours
     write_json(Path(cfg.paths.manifest), manifest(cfg))
 
 

@@ -2,6 +2,7 @@
 that looks finished."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -11,12 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import stages.download
+import stages.extract
 from conftest import REPO, local_manifest
 from test_roundtrip import edited_copy, run_extract
+from weightdiff.config import run_config
 from weightdiff.download import parse_source
 from weightdiff.errors import WeightdiffError
+from weightdiff.files import atomic_path, write_json
+from weightdiff.index import build_index
 from weightdiff.verify import verify
 
 IGNORE = ["_name_or_path", "dtype", "torch_dtype", "transformers_version"]
@@ -78,13 +85,20 @@ def test_resized_embeddings_are_named_as_such_and_refused_by_default(tiny_pair, 
         verify(local_manifest(tiny_pair[0], b), IGNORE)
 
 
-def test_resized_embeddings_skip_accepts_only_vocabulary_sized_differences(tiny_pair, tmp_path, cfg):
+def test_resized_embeddings_skip_accepts_only_vocabulary_sized_differences(tiny_pair, tmp_path, monkeypatch):
     b = resized_copy(tiny_pair[1], tmp_path / "b", added_tokens=4)
-    report = verify(local_manifest(tiny_pair[0], b), IGNORE, "skip")
+    manifest = local_manifest(tiny_pair[0], b)
+    report = verify(manifest, IGNORE, "skip")
     assert report["resized_embeddings"] == ["lm_head.weight", "model.embed_tokens.weight"]
-    run_extract(tiny_pair[0], b, tmp_path / "adapter", cfg)  # extraction leaves them out
-    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors").keys()
+
+    monkeypatch.chdir(tmp_path)  # the extract stage on this pair leaves them out
+    write_json(Path("artifacts/manifest.json"), manifest)
+    write_json(Path("artifacts/index.json"), build_index(manifest))
+    stages.extract.main(run_config(params=REPO / "params.yaml"))
+    keys = load_file(tmp_path / "artifacts" / "adapter" / "adapter_model.safetensors").keys()
     assert keys and not [k for k in keys if "embed_tokens" in k or "lm_head" in k]
+    reports = json.loads((tmp_path / "artifacts" / "extract" / "tensors.json").read_text())["tensors"]
+    assert not [r for r in reports if r["name"] in report["resized_embeddings"]]
 
     other = edited_copy(b, tmp_path / "other", lambda t: t.__setitem__(  # one more tensor differs: still refused
         "model.layers.0.mlp.up_proj.weight", t["model.layers.0.mlp.up_proj.weight"][:100]))
@@ -139,6 +153,58 @@ def test_nan_in_a_delta_names_the_tensor_and_leaves_no_adapter(tiny_pair, tmp_pa
     with pytest.raises(WeightdiffError, match=rf"{b}/model.safetensors: tensor {name} has 1 NaN/Inf values"):
         run_extract(tiny_pair[0], b, tmp_path / "adapter", cfg)
     assert not (tmp_path / "adapter").exists() and not list(tmp_path.glob(".adapter*"))
+
+
+def disk_full_after(monkeypatch, n: int) -> None:
+    """Path.write_bytes (what write_atomic and write_json use) writes n bytes, then fails as a full disk does."""
+    def write_bytes(self: Path, data: bytes) -> None:
+        with open(self, "wb") as f:
+            f.write(data[:n])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+
+
+def test_disk_full_keeps_the_previous_file_and_leaves_no_partial_one(tmp_path, monkeypatch):
+    target = tmp_path / "metrics" / "extract.json"
+    write_json(target, {"run": 1})
+    disk_full_after(monkeypatch, 3)
+    with pytest.raises(WeightdiffError, match=rf"^cannot write {target}: No space left on device$"):
+        write_json(target, {"run": 2})
+    assert json.loads(target.read_text()) == {"run": 1} and os.listdir(target.parent) == ["extract.json"]
+
+
+def test_safetensors_write_failure_is_a_weightdiff_error_and_leaves_nothing(tmp_path):
+    """safetensors' save_file reports I/O errors as SafetensorError, not OSError."""
+    target = tmp_path / "unit.safetensors"
+    with pytest.raises(WeightdiffError, match=rf"^cannot write {target}: Error while serializing: I/O error: No space"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert not list(tmp_path.iterdir())
+
+
+def test_disk_full_while_writing_the_adapter_leaves_no_adapter(tiny_pair, tmp_path, cfg, monkeypatch):
+    disk_full_after(monkeypatch, 1000)
+    with pytest.raises(WeightdiffError, match=r"cannot write .*/adapter_model.safetensors: No space left on device"):
+        run_extract(*tiny_pair, tmp_path / "out" / "adapter", cfg)
+    assert not (tmp_path / "out" / "adapter").exists() and not list((tmp_path / "out").glob(".adapter*"))
+
+
+def test_download_stage_refuses_an_unwritable_output_directory_before_downloading(tmp_path, monkeypatch):
+    """/sys takes no new files, root's included (a chmod'ed directory would not stop root)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = run_config(["model_a=org/never-fetched", "model_b=org/never-fetched",
+                      "paths.manifest=/sys/weightdiff-test/manifest.json"], params=REPO / "params.yaml")
+    with pytest.raises(WeightdiffError, match=r"^output directory /sys/weightdiff-test is not writable: "):
+        stages.download.main(cfg)
+
+
+def test_extract_stage_cli_refuses_an_unwritable_adapter_directory_before_any_work(tmp_path):
+    proc = stage_cli("extract", tmp_path, "paths.adapter=/sys/weightdiff-test/adapter")  # no index needed: first check
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: output directory /sys/weightdiff-test is not writable: ")
+    assert not (tmp_path / "artifacts").exists()
 
 
 @pytest.mark.parametrize("source", ["/nonexistent/model", "./missing-model", "~/no/such/dir/x"])

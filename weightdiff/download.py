@@ -30,6 +30,7 @@ except ImportError:
     from httpx import RequestError
 
 from weightdiff.errors import WeightdiffError
+from weightdiff.files import existing_ancestor
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -151,12 +152,6 @@ def missing_files(source: Source, sha: str, cfg: DictConfig) -> dict[str, int]:
     return {f.local_path: f.file_size or 0 for f in plan if f.will_download}
 
 
-def free_bytes(directory: Path) -> tuple[Path, int]:
-    """(the directory's nearest existing ancestor, its free bytes): the cache may not exist before the first run."""
-    existing = next(p for p in (directory, *directory.parents) if p.exists())
-    return existing, shutil.disk_usage(existing).free
-
-
 def check_free_space(sources: list[Source], cfg: DictConfig) -> None:
     """Before any weight is fetched: the missing files of all Hub sources together must fit in the cache.
 
@@ -167,7 +162,8 @@ def check_free_space(sources: list[Source], cfg: DictConfig) -> None:
     for source in sources:
         missing |= missing_files(source, hub_commit(source), cfg)
     needed = sum(missing.values())
-    directory, free = free_bytes(cache_root(cfg))
+    directory = existing_ancestor(cache_root(cfg))  # the cache may not exist before the first download
+    free = shutil.disk_usage(directory).free
     if needed > free:
         raise WeightdiffError(
             f"not enough disk space: {len(missing)} files still to download need {needed:,} bytes "

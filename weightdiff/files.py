@@ -8,20 +8,53 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from safetensors import SafetensorError
+
 from weightdiff.errors import WeightdiffError
+
+# What a failed write raises: OSError from Python's own I/O, SafetensorError from safetensors' save_file,
+# which reports a full disk as "Error while serializing: I/O error: No space left on device".
+WRITE_ERRORS = (OSError, SafetensorError)
 
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; renamed onto `path` only if the block completes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    """A temporary path beside `path` to write to; renamed onto `path` only if the block completes.
+
+    A failed write (disk full, no permission, read-only mount) is a WeightdiffError naming `path`, and the
+    temporary file goes: an earlier complete file at `path` stays as it was, and nothing partial is left.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise WeightdiffError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except WRITE_ERRORS as e:
+        raise WeightdiffError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from e
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def existing_ancestor(path: Path) -> Path:
+    """path itself or its nearest ancestor that exists: where a directory not made yet would be made."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def require_writable(directory: Path) -> None:
+    """Fails in seconds, not after hours of work, when a stage could not write its outputs into `directory`.
+
+    A probe file rather than os.access: root passes os.access everywhere, and only a real file creation
+    meets read-only mounts, quotas and special file systems. Nothing is left behind, not even the directory.
+    """
+    try:
+        with tempfile.TemporaryFile(dir=existing_ancestor(directory)):
+            pass
+    except OSError as e:
+        raise WeightdiffError(f"output directory {directory} is not writable: {e.strerror or e}") from e
 
 
 def write_atomic(path: Path, data: bytes) -> Path:
