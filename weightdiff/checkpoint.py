@@ -28,10 +28,7 @@ def shard_map(model_dir: Path) -> dict[str, str]:
     """Tensor name → shard file name, from the index file of a sharded checkpoint or the lone shards."""
     index = model_dir / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightdiffError(f"{index}: not a safetensors index (expected a 'weight_map' object): {e}") from e
+        weight_map = index_weight_map(index)
         for shard in sorted(set(weight_map.values())):
             if not (model_dir / shard).is_file():
                 raise WeightdiffError(f"{index} lists shard {shard}, which is missing from {model_dir}")
@@ -42,6 +39,21 @@ def shard_map(model_dir: Path) -> dict[str, str]:
     if len(shards) > 1:
         raise WeightdiffError(f"{model_dir} has {len(shards)} safetensors files but no {INDEX_FILE}")
     return {name: shards[0] for name in _open(model_dir / shards[0]).keys()}
+
+
+def index_weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor name → shard map, refused unless every shard is a safetensors file name in the same
+    directory: the index comes from the Hub, and a path in it must not point anywhere else."""
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
+        raise WeightdiffError(f"{index}: not a safetensors index (expected a 'weight_map' object): {e}") from e
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard
+            for shard in weight_map.values()):
+        raise WeightdiffError(f"{index}: 'weight_map' must map tensor names to .safetensors file names in "
+                              f"{index.parent}, not {str(weight_map)[:200]}")
+    return weight_map
 
 
 def tensor_infos(model_dir: Path) -> dict[str, TensorInfo]:
