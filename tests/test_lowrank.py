@@ -41,3 +41,16 @@ def test_factors_times_scaling_give_the_truncated_delta(scaling):
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="randomized' or 'exact"):
         truncated_svd(torch.eye(4), 2, method="full")
+
+
+def test_frobenius_and_residual_norms_are_accurate_on_large_matrices():
+    """torch's fp32 norm() of 58M entries is 0.5% off: enough to report energy above 1."""
+    from weightdiff.lowrank import frobenius_norm, residual_norm
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(14336, 4096, generator=g)
+    exact = M.double().norm().item()
+    assert abs(frobenius_norm(M) - exact) / exact < 1e-6
+    B, A = torch.randn(14336, 4, generator=g), torch.randn(4, 4096, generator=g)
+    expected = (M.double() - 0.5 * B.double() @ A.double()).norm().item()
+    assert abs(residual_norm(M, B, A, 0.5) - expected) / expected < 1e-6

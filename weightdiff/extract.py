@@ -27,7 +27,7 @@ from weightdiff.adapter import (PREFIX, adapter_config, adapter_config_json, exa
 from weightdiff.checkpoint import TensorReader
 from weightdiff.errors import WeightdiffError
 from weightdiff.files import write_atomic
-from weightdiff.lowrank import Truncated, lora_factors, truncated_svd
+from weightdiff.lowrank import Truncated, frobenius_norm, lora_factors, residual_norm, truncated_svd
 from weightdiff.plan import Unit, model_modules, units
 from weightdiff.rank import auto_rank, chosen_rank, energy_rank, noise_floor, sketch_rank
 from weightdiff.resume import Checkpoint, checkpoint_key
@@ -97,7 +97,7 @@ def stats(delta: Delta, norm: float) -> dict:
 def decompose_linear(unit: Unit, ds: list[Delta], opts: Options, storage_dtype: str) -> tuple[list[dict], dict]:
     """LoRA factors with scaling·B·A = the kept part of the SVD of ΔW (and lora_B.bias = Δb / scaling)."""
     weight, bias = ds[0], (ds[1] if len(ds) > 1 else None)
-    dw, norm = weight.value, weight.value.norm().item()
+    dw, norm = weight.value, frobenius_norm(weight.value)
     report = stats(weight, norm)
     if norm == 0.0 and (bias is None or not bias.value.any()):
         return [report | {"status": "zero", "rank": 0, "energy": 1.0, "rel_error": 0.0, "singular_values": []}], {}
@@ -116,20 +116,20 @@ def decompose_linear(unit: Unit, ds: list[Delta], opts: Options, storage_dtype: 
     if opts.lora_bias:
         db = bias.value if bias is not None else torch.zeros(dw.shape[0])
         factors[key_b.removesuffix("weight") + "bias"] = (db / scaling).to(opts.dtype)
-    rel_error = (dw - scaling * (B.float() @ A.float())).norm().item() / norm if norm else 0.0
+    rel_error = residual_norm(dw, B.float(), A.float(), scaling) / norm if norm else 0.0
     energy = t.S.square().sum().item() / norm**2 if norm else 1.0
     report |= {"status": "extracted", "rank": rank, "energy": energy, "rel_error": rel_error,
                "singular_values": t.S.tolist()}
     if opts.policy == "noise_floor":
         report["noise_floor"] = floor
-    reports = [report] + ([stats(bias, bias.value.norm().item()) | {"status": "lora_bias"}] if bias else [])
+    reports = [report] + ([stats(bias, frobenius_norm(bias.value)) | {"status": "lora_bias"}] if bias else [])
     return reports, factors
 
 
 def decompose_embedding(unit: Unit, ds: list[Delta], opts: Options) -> tuple[list[dict], dict]:
     """PEFT's Embedding LoRA adds scaling·(B·A)ᵀ to the [vocab, dim] table: A = √Σ·Uᵀ [r, vocab], B = V·√Σ [dim, r]."""
     (d,) = ds
-    norm = d.value.norm().item()
+    norm = frobenius_norm(d.value)
     if norm == 0.0:
         return [stats(d, norm) | {"status": "zero", "rank": 0, "energy": 1.0, "rel_error": 0.0, "singular_values": []}], {}
     t = keep(spectrum(d.value, min(opts.rank, *d.value.shape), d.name, opts), min(opts.rank, *d.value.shape))
@@ -137,7 +137,7 @@ def decompose_embedding(unit: Unit, ds: list[Delta], opts: Options) -> tuple[lis
     B_t, A_t = lora_factors(Truncated(t.Vh.T, t.S, t.U.T), scaling)  # the SVD of ΔWᵀ
     factors = {f"{PREFIX}{unit.module}.lora_embedding_A": A_t.to(opts.dtype).contiguous(),
                f"{PREFIX}{unit.module}.lora_embedding_B": B_t.to(opts.dtype).contiguous()}
-    rel_error = (d.value - scaling * (B_t @ A_t).T).norm().item() / norm
+    rel_error = residual_norm(d.value.T, B_t, A_t, scaling) / norm
     return [stats(d, norm) | {"status": "extracted", "rank": len(t.S), "energy": t.S.square().sum().item() / norm**2,
                               "rel_error": rel_error, "singular_values": t.S.tolist()}], factors
 
@@ -145,12 +145,12 @@ def decompose_embedding(unit: Unit, ds: list[Delta], opts: Options) -> tuple[lis
 def whole_module(unit: Unit, ds: list[Delta]) -> tuple[list[dict], dict]:
     """modules_to_save: B's own weights, stored under the module path, replace A's module entirely."""
     factors = {f"{PREFIX}{d.name}": d.b.contiguous() for d in ds}
-    return [stats(d, d.value.norm().item()) | {"status": "saved", "bytes": d.b.numel() * d.b.element_size()}
+    return [stats(d, frobenius_norm(d.value)) | {"status": "saved", "bytes": d.b.numel() * d.b.element_size()}
             for d in ds], factors
 
 
 def measured(ds: list[Delta]) -> list[dict]:
-    return [stats(d, d.value.norm().item()) | {"status": "skipped"} for d in ds]
+    return [stats(d, frobenius_norm(d.value)) | {"status": "skipped"} for d in ds]
 
 
 def decompose(unit: Unit, ds: list[Delta], opts: Options, tensors: dict) -> tuple[list[dict], dict]:
@@ -199,8 +199,9 @@ def rank_needed(dw: torch.Tensor, target: float, name: str, opts: Options) -> in
     """The rank the energy target would take for one delta (None: more than 1024), for the diagnosis."""
     cap = min(1024, *dw.shape)
     t = truncated_svd(dw.to(opts.device), cap, "randomized", opts.svd.oversample, 2, tensor_seed(name, opts.svd.seed))
-    r = energy_rank(t.S.cpu(), dw.norm().item() ** 2, target)
-    return None if r == cap and cap < min(dw.shape) and t.S.square().sum() < target * dw.norm() ** 2 else r
+    norm_sq = frobenius_norm(dw) ** 2
+    r = energy_rank(t.S.cpu(), norm_sq, target)
+    return None if r == cap and cap < min(dw.shape) and t.S.square().sum() < target * norm_sq else r
 
 
 def diagnosis(reports: list[dict], opts: Options, target: float, readers, worst: int = 3) -> dict:

@@ -15,6 +15,7 @@ import torch
 
 from weightdiff.checkpoint import TensorReader
 from weightdiff.errors import WeightdiffError
+from weightdiff.lowrank import frobenius_norm
 from weightdiff.plan import Unit
 
 
@@ -37,7 +38,7 @@ def pair_delta(name: str, reader_a: TensorReader, reader_b: TensorReader, rms: b
             raise WeightdiffError(f"{reader.model_dir / reader.shards[name]}: tensor {name} has {bad} NaN/Inf values")
     delta = wb.to(torch.float32, copy=True)  # never a view of the mapped file, even for fp32 weights
     delta.sub_(wa)  # in place, upcasting wa on the fly: one fp32 buffer instead of three
-    rms_a, rms_b = (w.float().norm().item() / max(w.numel(), 1) ** 0.5 for w in (wa, wb)) if rms else (None, None)
+    rms_a, rms_b = (frobenius_norm(w.float()) / max(w.numel(), 1) ** 0.5 for w in (wa, wb)) if rms else (None, None)
     return Delta(name, delta, rms_a, rms_b, wb.clone() if keep_b else None)
 
 
