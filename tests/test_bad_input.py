@@ -133,7 +133,7 @@ def test_missing_shard(tiny_pair, tmp_path):
         verify(local_manifest(a, tiny_pair[1]), IGNORE)
 
 
-@pytest.mark.parametrize("damage", ["truncated header", "header past the end", "not json"])
+@pytest.mark.parametrize("damage", ["truncated header", "header past the end", "not json", "data cut short"])
 def test_broken_safetensors_header(tiny_pair, tmp_path, damage):
     b = edited_copy(tiny_pair[1], tmp_path / "b", lambda t: None)
     f = b / "model.safetensors"
@@ -141,9 +141,14 @@ def test_broken_safetensors_header(tiny_pair, tmp_path, damage):
     n = int.from_bytes(data[:8], "little")
     f.write_bytes({"truncated header": data[: 8 + n // 2],
                    "header past the end": (len(data) * 2).to_bytes(8, "little") + data[8:],
-                   "not json": data[:8] + b"\xff" * n + data[8 + n:]}[damage])
-    with pytest.raises(WeightdiffError, match=rf"{f}: not a readable safetensors file"):
+                   "not json": data[:8] + b"\xff" * n + data[8 + n:],
+                   "data cut short": data[:-100]}[damage])
+    with pytest.raises(WeightdiffError, match=rf"{f}: not a readable safetensors file") as e:
         verify(local_manifest(tiny_pair[0], b), IGNORE)
+    if damage == "data cut short":  # the last tensor in the file, model.norm.weight (64 bf16), lost its bytes
+        data_len = len(data) - 8 - n
+        assert str(e.value).endswith(f"; tensor model.norm.weight ends at byte {data_len} of the data, which has "
+                                     f"{data_len - 100}: the file is truncated")
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])

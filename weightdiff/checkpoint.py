@@ -110,4 +110,23 @@ def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as e:  # SafetensorError, OSError: all mean the file cannot be used
-        raise WeightdiffError(f"{path}: not a readable safetensors file ({e})") from e
+        raise WeightdiffError(f"{path}: not a readable safetensors file ({e}){truncation(path)}") from e
+
+
+def truncation(path: Path) -> str:
+    """'; tensor X ...' naming the first tensor whose bytes lie past the end of a file whose header is intact.
+
+    safetensors says only that the file is "not fully covered"; the tensor says where a copy or download
+    stopped. Best effort, for a message: any other damage gives "".
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if n <= size - 8 else {}
+        data = size - 8 - n
+        end, name = min((entry["data_offsets"][1], name) for name, entry in header.items()
+                        if name != "__metadata__" and entry["data_offsets"][1] > data)
+    except Exception:  # noqa: BLE001 - no diagnosis beyond safetensors' own
+        return ""
+    return f"; tensor {name} ends at byte {end} of the data, which has {data}: the file is truncated"
