@@ -13,6 +13,7 @@ import torch
 from gguf import GGMLQuantizationType
 from safetensors.torch import save_file
 
+import tiny_moe
 from weightdiff import gguf_export
 from weightdiff.errors import WeightdiffError
 from weightdiff.gguf_export import write_lora_gguf
@@ -201,6 +202,63 @@ def test_scaling_matches_peft_itself(tmp_path: Path) -> None:
         np.testing.assert_allclose(product, delta, rtol=1e-5, atol=1e-5, err_msg=name)
         checked += 1
     assert checked == 14
+
+
+def moe_adapter(directory: Path) -> tuple[dict, torch.nn.Module]:
+    """PEFT's own target_parameters adapter on the tiny Qwen3-MoE, saved; returns the base config and the PEFT model."""
+    model = tiny_moe.base_model()
+    peft_model = tiny_moe.peft_adapter(model)
+    peft_model.save_pretrained(directory)
+    return model.config.to_dict(), peft_model
+
+
+def peft_deltas(peft_model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """GGUF base tensor name -> the delta PEFT applies to it: linear layers, and each expert projection [E, out, in]."""
+    inter = tiny_moe.CONFIG["moe_intermediate_size"]
+    deltas = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")):
+            deltas[gguf_name(name)] = module.get_delta_weight("default").detach().double().numpy()
+        if name.endswith("mlp.experts"):  # the outer wrapper; nested ones wrap the other parameters
+            layer = name.split(".")[2]
+            for wrapper in (module, module.base_layer):
+                delta = wrapper.get_delta_weight("default").detach().double().numpy()
+                if wrapper.parameter_name == "gate_up_proj":
+                    deltas[f"blk.{layer}.ffn_gate_exps.weight"] = delta[:, :inter]
+                    deltas[f"blk.{layer}.ffn_up_exps.weight"] = delta[:, inter:]
+                else:
+                    deltas[f"blk.{layer}.ffn_down_exps.weight"] = delta
+    return deltas
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-6), ("q8_0", 2e-2)])
+def test_moe_experts_become_3d_pairs_whose_products_are_peft_deltas(tmp_path: Path, dtype: str,
+                                                                    tolerance: float) -> None:
+    config, peft_model = moe_adapter(tmp_path / "adapter")
+    summary = write_lora_gguf(tmp_path / "adapter", config, tmp_path / "moe.gguf", dtype=dtype)
+
+    reader, tensors = read_gguf(tmp_path / "moe.gguf")
+    assert summary["arch"] == "qwen3moe" and summary["tensors"] == 28  # (4 attention + 3 expert) pairs × 2 layers
+    deltas = peft_deltas(peft_model)
+    assert {f"{name}.lora_{half}" for name in deltas for half in "ab"} == set(tensors)
+    # GGML's ne order, what llama.cpp's loader matches against ffn_*_exps ne {in, out, n_expert}:
+    # lora_a ne {in, r, n_expert}, lora_b ne {r, out, n_expert}; down_proj has rank 2 from rank_pattern.
+    raw = {t.name: list(t.shape) for t in reader.tensors}
+    assert raw["blk.0.ffn_gate_exps.weight.lora_a"] == [64, 4, 4]
+    assert raw["blk.0.ffn_up_exps.weight.lora_b"] == [4, 48, 4]
+    assert raw["blk.1.ffn_down_exps.weight.lora_a"] == [48, 2, 4]
+    assert raw["blk.1.ffn_down_exps.weight.lora_b"] == [2, 64, 4]
+    for name, delta in deltas.items():
+        product = np.matmul(tensors[f"{name}.lora_b"][1].astype(np.float64),
+                            tensors[f"{name}.lora_a"][1].astype(np.float64))
+        error = np.linalg.norm(product - delta) / np.linalg.norm(delta)
+        assert error < tolerance, (name, error)
+
+
+def test_moe_adapter_for_another_expert_count_is_refused(tmp_path: Path) -> None:
+    config, _ = moe_adapter(tmp_path / "adapter")
+    with pytest.raises(WeightdiffError, match=r"experts\.base_layer\.lora_A\.weight \[16, 64\].*rank 4 × 8 experts"):
+        write_lora_gguf(tmp_path / "adapter", {**config, "num_local_experts": 8}, tmp_path / "moe.gguf")
 
 
 def test_unsupported_model_type_is_refused(tmp_path: Path) -> None:

@@ -11,7 +11,15 @@ The layout follows what llama.cpp's loader (``src/llama-adapter.cpp``) checks an
 * for the ``llama`` architecture, the rows of q_proj/k_proj reordered exactly as llama.cpp's model
   converter reorders the base model's q/k weights (``LlamaModel.permute``): the base GGUF holds
   those weights in interleaved-RoPE row order, so a delta added to them must be in that order too.
-  Only the output side is affected, so the permutation goes on ``lora_b`` alone.
+  Only the output side is affected, so the permutation goes on ``lora_b`` alone;
+* mixture-of-experts layers adapted through PEFT's ``target_parameters`` (the fused expert
+  parameters ``mlp.experts.gate_up_proj`` / ``down_proj``) as llama.cpp's 3D expert LoRA pairs
+  ``blk.N.ffn_{gate,up,down}_exps.weight.lora_a`` ``[n_expert, r, in]`` / ``.lora_b``
+  ``[n_expert, out, r]`` (numpy order; GGML's ``ne`` is the reverse), which its loader checks against
+  the base's ``ffn_*_exps`` ``ne = {in, out, n_expert}`` and applies per routed expert with
+  ``ggml_mul_mat_id``. llama.cpp's converter splits ``gate_up_proj`` into separate gate and up
+  tensors, so its LoRA is split the same way: both halves share ``lora_a``, and ``lora_b``'s rows
+  ``[:I]`` go to gate, ``[I:]`` to up.
 
 Scaling: llama.cpp multiplies every pair by ``alpha / rank`` with one file-wide alpha and the rank
 read from each tensor's own shape (``llama-graph.cpp``, ``build_lora_mm``), and by the user's scale
@@ -55,12 +63,17 @@ ARCH_BY_MODEL_TYPE: dict[str, MODEL_ARCH] = {
     "mistral": MODEL_ARCH.LLAMA,  # convert_hf_to_gguf.py registers MistralForCausalLM as LlamaModel
     "qwen2": MODEL_ARCH.QWEN2,
     "qwen3": MODEL_ARCH.QWEN3,
+    "qwen3_moe": MODEL_ARCH.QWEN3MOE,
     "gemma": MODEL_ARCH.GEMMA,
     "gemma2": MODEL_ARCH.GEMMA2,
 }
 # Architectures whose converter reorders q/k rows for interleaved RoPE; the others use NeoX RoPE
 # and keep HF's row order.
 ROPE_PERMUTED_ARCHS = {MODEL_ARCH.LLAMA}
+
+# Fused expert parameter (transformers 5 holds experts this way, PEFT adapts them with target_parameters) ->
+# the per-expert projections llama.cpp's converter makes of it, each an equal slice of its output rows, in order.
+EXPERT_PARAMETERS: dict[str, tuple[str, ...]] = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
 GGML_TYPE_BY_DTYPE: dict[str, GGMLQuantizationType] = {
     "f32": GGMLQuantizationType.F32,
@@ -71,15 +84,32 @@ GGML_TYPE_BY_DTYPE: dict[str, GGMLQuantizationType] = {
 
 
 @dataclass(frozen=True)
+class LoraPair:
+    """The two saved PEFT factors of one adapted module (or one targeted parameter), as found in the file."""
+
+    module: str  # path without ``base_model.model.``; a parameter wrapper's ends in ``.base_layer`` when nested
+    key_a: str
+    key_b: str
+    shape_a: tuple[int, ...]
+    shape_b: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Factor:
     """One GGUF tensor to write, planned from shapes alone so the header can precede the data."""
 
     gguf_name: str
     peft_key: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]  # numpy order, as written
     ggml_type: GGMLQuantizationType
     scale: float  # PEFT's scaling for lora_b, 1 for lora_a
     rope_heads: int | None  # heads whose rows llama.cpp's converter reorders; None: keep the order
+    n_experts: int | None = None  # experts the PEFT tensor stacks (target_parameters layout); None: a linear layer
+    out_rows: tuple[int, int] | None = None  # lora_b rows [start, stop) that belong to this GGUF tensor
+
+    @property
+    def is_lora_b(self) -> bool:
+        return self.gguf_name.endswith(".lora_b")
 
     @property
     def nbytes(self) -> int:
@@ -151,18 +181,11 @@ def planned_factors(handle: Any, adapter_config: dict, model_config: dict, arch:
     factors: list[Factor] = []
     for module in lora_modules(handle.keys()):
         key_a, key_b = (PEFT_PREFIX + module + suffix for suffix in FACTOR_SUFFIXES.values())
-        shape_a, shape_b = (tuple(handle.get_slice(key).get_shape()) for key in (key_a, key_b))
-        rank, scale = peft_rank_and_scaling(module, adapter_config)
-        if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != rank or shape_b[1] != rank:
-            raise WeightdiffError(
-                f"{key_a} {list(shape_a)} / {key_b} {list(shape_b)}: expected A [{rank}, in] and B [out, {rank}] "
-                f"for rank {rank} from {ADAPTER_CONFIG}")
-        tensor_type, base_name = base_tensor(name_map, module, key_a, model_config)
-        rope_heads = rope_heads_for(arch, tensor_type, model_config, shape_b[0], key_b)
-        factors.append(Factor(f"{base_name}.lora_a", key_a, shape_a,
-                              stored_type(shape_a, requested_type), 1.0, None))
-        factors.append(Factor(f"{base_name}.lora_b", key_b, shape_b,
-                              stored_type(shape_b, requested_type), scale, rope_heads))
+        pair = LoraPair(module, key_a, key_b, *(tuple(handle.get_slice(key).get_shape()) for key in (key_a, key_b)))
+        if is_expert_wrapper(module, adapter_config):
+            factors += expert_factors(pair, name_map, adapter_config, model_config, requested_type)
+        else:
+            factors += linear_factors(pair, name_map, adapter_config, model_config, arch, requested_type)
 
     fallbacks = [f.gguf_name for f in factors if f.ggml_type != requested_type]
     if fallbacks:
@@ -170,6 +193,100 @@ def planned_factors(handle: Any, adapter_config: dict, model_config: dict, arch:
                     requested_type.name, gguf.GGML_QUANT_SIZES[requested_type][0], len(fallbacks),
                     ", ".join(fallbacks))
     return factors
+
+
+def linear_factors(pair: LoraPair, name_map: gguf.TensorNameMap, adapter_config: dict, model_config: dict,
+                   arch: MODEL_ARCH, requested_type: GGMLQuantizationType) -> list[Factor]:
+    """The lora_a/lora_b tensors of an adapted linear layer: PEFT's factors as they are, scale folded into B."""
+    rank, scale = peft_rank_and_scaling(pair.module, adapter_config)
+    if len(pair.shape_a) != 2 or len(pair.shape_b) != 2 or pair.shape_a[0] != rank or pair.shape_b[1] != rank:
+        raise WeightdiffError(
+            f"{pair.key_a} {list(pair.shape_a)} / {pair.key_b} {list(pair.shape_b)}: expected A [{rank}, in] and "
+            f"B [out, {rank}] for rank {rank} from {ADAPTER_CONFIG}")
+    tensor_type, base_name = base_tensor(name_map, pair.module, pair.key_a, model_config)
+    rope_heads = rope_heads_for(arch, tensor_type, model_config, pair.shape_b[0], pair.key_b)
+    return factor_pair(base_name, pair, pair.shape_a, pair.shape_b, scale, requested_type, rope_heads=rope_heads)
+
+
+def factor_pair(base_name: str, pair: LoraPair, shape_a: tuple[int, ...], shape_b: tuple[int, ...], scale: float,
+                requested_type: GGMLQuantizationType, rope_heads: int | None = None, n_experts: int | None = None,
+                out_rows: tuple[int, int] | None = None) -> list[Factor]:
+    """The GGUF ``.lora_a`` and ``.lora_b`` tensors for one base tensor; only lora_b carries scale and row changes."""
+    return [Factor(f"{base_name}.lora_a", pair.key_a, shape_a, stored_type(shape_a, requested_type), 1.0, None,
+                   n_experts),
+            Factor(f"{base_name}.lora_b", pair.key_b, shape_b, stored_type(shape_b, requested_type), scale,
+                   rope_heads, n_experts, out_rows)]
+
+
+def is_expert_wrapper(module: str, adapter_config: dict) -> bool:
+    """Whether the pair is PEFT's ``target_parameters`` wrapper of a layer's fused experts.
+
+    PEFT saves it under the experts module's path, once more wrapped (``.base_layer``) per further
+    parameter of the same module it adapts.
+    """
+    return bool(adapter_config.get("target_parameters")) and experts_owner(module).endswith(".experts")
+
+
+def experts_owner(module: str) -> str:
+    """The experts module a (possibly nested) parameter wrapper belongs to."""
+    return module.replace(".base_layer", "")
+
+
+def expert_factors(pair: LoraPair, name_map: gguf.TensorNameMap, adapter_config: dict, model_config: dict,
+                   requested_type: GGMLQuantizationType) -> list[Factor]:
+    """The 3D lora_a/lora_b tensors of one fused expert parameter, one pair per projection llama.cpp has.
+
+    PEFT's layout (``ParamWrapper``): A ``[r·E, in]`` with expert e's rows at ``e·r:(e+1)·r``,
+    B ``[out, r·E]`` with expert e's columns at ``e::E``, delta[e] = scaling · B_e @ A_e.
+    """
+    owner = experts_owner(pair.module)
+    parameter = expert_parameter(pair, adapter_config, model_config)
+    rank, scale = peft_rank_and_scaling(f"{owner}.{parameter}", adapter_config)
+    n_experts = experts_in(model_config)
+    stacked = rank * n_experts
+    if pair.shape_a[0] != stacked or pair.shape_b[1] != stacked:
+        raise WeightdiffError(
+            f"{pair.key_a} {list(pair.shape_a)} / {pair.key_b} {list(pair.shape_b)}: expected A [{stacked}, in] and "
+            f"B [out, {stacked}] for rank {rank} × {n_experts} experts")
+    projections = EXPERT_PARAMETERS[parameter]
+    rows = pair.shape_b[0] // len(projections)
+    shape_a = (n_experts, rank, pair.shape_a[1])
+    shape_b = (n_experts, rows, rank)
+    factors = []
+    for index, projection in enumerate(projections):
+        _, base_name = base_tensor(name_map, f"{owner}.{projection}", pair.key_a, model_config)
+        factors += factor_pair(base_name, pair, shape_a, shape_b, scale, requested_type, n_experts=n_experts,
+                               out_rows=(index * rows, (index + 1) * rows))
+    return factors
+
+
+def expert_parameter(pair: LoraPair, adapter_config: dict, model_config: dict) -> str:
+    """Which fused expert parameter the pair adapts (``gate_up_proj`` or ``down_proj``), told by its shape.
+
+    The keys alone do not say it: the nesting depth depends on which parameters were targeted.
+    ``[out, in]`` does: gate_up_proj is ``[2·I, hidden]``, down_proj ``[hidden, I]``.
+    """
+    owner = experts_owner(pair.module)
+    hidden, inter = model_config["hidden_size"], model_config["moe_intermediate_size"]
+    shapes = {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)}
+    found = [name for name, shape in shapes.items()
+             if shape == (pair.shape_b[0], pair.shape_a[-1]) and is_targeted(f"{owner}.{name}", adapter_config)]
+    if len(found) != 1:
+        raise WeightdiffError(
+            f"{pair.key_a} {list(pair.shape_a)} / {pair.key_b} {list(pair.shape_b)}: not a LoRA of a fused expert "
+            f"parameter listed in target_parameters ({', '.join(adapter_config['target_parameters'])}); "
+            f"expected [out, in] of " + ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items()))
+    return found[0]
+
+
+def experts_in(model_config: dict) -> int:
+    """Routed experts per layer: Hub Qwen3-MoE configs say ``num_experts``, transformers 5 saves ``num_local_experts``."""
+    return model_config.get("num_local_experts") or model_config["num_experts"]
+
+
+def is_targeted(parameter: str, adapter_config: dict) -> bool:
+    """PEFT's matching of a parameter path against ``target_parameters``: equal, or ending in ``.<entry>``."""
+    return any(parameter == entry or parameter.endswith(f".{entry}") for entry in adapter_config["target_parameters"])
 
 
 def lora_modules(keys: Iterable[str]) -> list[str]:
@@ -278,9 +395,20 @@ def write_gguf(path: Path, arch: MODEL_ARCH, factors: list[Factor], handle: Any)
 def encoded_tensor(factor: Factor, handle: Any) -> np.ndarray:
     """The factor's data as stored in the GGUF: scaled, row-reordered where needed, in its GGML type."""
     data = handle.get_tensor(factor.peft_key).to(torch.float32).numpy() * np.float32(factor.scale)
+    if factor.n_experts is not None:
+        data = per_expert(data, factor.n_experts, factor.is_lora_b)
+    if factor.out_rows is not None:
+        data = data[..., slice(*factor.out_rows), :]
     if factor.rope_heads is not None:
         data = interleaved_rope_rows(data, factor.rope_heads)
-    return gguf.quants.quantize(data, factor.ggml_type)
+    return gguf.quants.quantize(np.ascontiguousarray(data), factor.ggml_type)
+
+
+def per_expert(data: np.ndarray, n_experts: int, is_lora_b: bool) -> np.ndarray:
+    """PEFT's stacked expert factor as llama.cpp's 3D one: A ``[r·E, in]`` -> ``[E, r, in]``, B ``[out, r·E]`` -> ``[E, out, r]``."""
+    if is_lora_b:
+        return data.reshape(data.shape[0], -1, n_experts).transpose(2, 0, 1)
+    return data.reshape(n_experts, -1, data.shape[1])
 
 
 def interleaved_rope_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
