@@ -15,8 +15,8 @@ def test_committed_params_yaml_equals_the_composition_of_conf():
 def test_required_keys_have_the_documented_types():
     cfg = composed_conf(conf_dir=REPO / "conf")
     assert isinstance(cfg.model_a, str) and isinstance(cfg.model_b, str)
-    assert isinstance(cfg.extract.rank, int) and cfg.extract.alpha is None
-    assert list(cfg.extract.target_modules) and cfg.extract.dtype in ("bf16", "fp16", "fp32")
+    assert cfg.extract.rank == "auto" and cfg.extract.alpha is None  # rank: an int, or auto (seeds' decision tree)
+    assert cfg.extract.target_modules == "auto" and cfg.extract.dtype in ("bf16", "fp16", "fp32")
 
 
 def test_overrides_in_hydra_syntax(tmp_path):
