@@ -18,6 +18,12 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 
 setup: $(VENV)/.installed
 
+# llama-cpp-python for the llama.cpp test lane: the first install builds llama.cpp (~10 min on 2 cores), later
+# ones take the wheel pip cached then. Only the tests need it.
+$(VENV)/.llamacpp: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[llamacpp]'
+	touch $@
+
 demo: setup
 	. $(BIN)/activate && dvc repro
 	@echo
@@ -27,7 +33,7 @@ demo: setup
 	@echo "figures:          reports/figures/"
 	@echo "paper:            reports/paper/paper.md reports/paper/paper.pdf"
 
-test: setup
+test: setup $(VENV)/.llamacpp
 	. $(BIN)/activate && python -m pytest -q
 
 clean:
