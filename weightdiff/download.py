@@ -66,21 +66,20 @@ def cache_root(cfg: DictConfig) -> Path:
     return Path(cfg.download.cache_dir or hf_constants.HF_HUB_CACHE).expanduser()
 
 
-def demo_dir(cfg: DictConfig) -> Path:
-    """Keyed by the demo settings and recipe, so changing either builds a new pair instead of reusing a stale one."""
+def demo_pair(cfg: DictConfig) -> tuple[Path, Path]:
+    """The demo pair's directories, built on first use in a directory keyed by the demo settings and recipe, so
+    changing either builds a new pair instead of reusing a stale one."""
     from weightdiff import demo  # imports peft and transformers (5 s), which Hub and local sources never need
 
     recipe = OmegaConf.to_container(cfg.demo) | {"recipe": demo.RECIPE_VERSION}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_root(cfg) / "weightdiff-demo" / key
+    return demo.make_pair(cache_root(cfg) / "weightdiff-demo" / key, cfg.demo)
 
 
 def resolve(source: Source, cfg: DictConfig) -> dict:
     """The manifest entry for one source, fetching Hub files or building the demo pair as needed."""
     if source.kind == "demo":
-        from weightdiff import demo
-
-        path = demo.make_pair(demo_dir(cfg), cfg.demo)[source.ref == "b"]
+        path = demo_pair(cfg)[source.ref == "b"]
         return {"kind": "demo", "path": str(path), "revision": None, "files": file_list(path, with_mtime=False)}
     if source.kind == "local":
         path = Path(source.ref)

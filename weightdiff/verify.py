@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 from weightdiff.checkpoint import TensorInfo, tensor_infos
@@ -48,7 +49,7 @@ def resized_tensors(a: dict[str, TensorInfo], b: dict[str, TensorInfo], vocab_a:
                   if a[n].shape[:1] == (vocab_a,) and b[n].shape[:1] == (vocab_b,) and a[n].shape[1:] == b[n].shape[1:])
 
 
-def tensor_differences(a: dict[str, TensorInfo], b: dict[str, TensorInfo], resized: list[str] = ()) -> list[str]:
+def tensor_differences(a: dict[str, TensorInfo], b: dict[str, TensorInfo], resized: Collection[str] = ()) -> list[str]:
     """One line per mismatch, naming the tensor and both values; `resized` tensors may differ in shape."""
     lines = [f"{n}: only in A ({a[n].shard})" for n in sorted(a.keys() - b.keys())]
     lines += [f"{n}: only in B ({b[n].shard})" for n in sorted(b.keys() - a.keys())]
