@@ -10,6 +10,7 @@ import pytest
 
 from weightdiff.errors import WeightdiffError
 from weightdiff.figures import (
+    decomposed,
     FIGURE_NAMES, dvc_stages, energy_curves, layer_norm_grid, pipeline_edges, stage_depths, unlayered_norms,
     write_figures,
 )
@@ -196,3 +197,12 @@ def test_layer_norm_grid_keeps_zero_deltas_and_sets_aside_unlayered_tensors() ->
     _, kinds, grid = layer_norm_grid(tensors)
     assert np.isnan(grid[0, kinds.index("q_proj")])
     assert np.isnan(grid).sum() == 1
+
+
+def test_extras_without_a_spectrum_stay_out_of_the_figures(tmp_path):
+    tensors = synthetic_tensors()
+    tensors["tensors"].append({"name": "model.norm.weight", "module": "model.norm", "layer": None, "kind": "norm",
+                               "unit": "measure", "shape": [64], "status": "skipped", "delta_norm": 0.3})
+    assert "model.norm.weight" not in {t["name"] for t in decomposed(tensors)["tensors"]}
+    curve = synthetic_energy_curve(decomposed(tensors))
+    assert len(write_figures(tensors, curve, write_dvc_yaml(tmp_path), tmp_path / "f")) == 4

@@ -34,6 +34,7 @@ NORM_LABEL = r"$\|\Delta W\|_F$"
 def write_figures(tensors: dict, energy_curve: list[tuple[int, float]], dvc_yaml: Path, out_dir: Path) -> list[Path]:
     """Draws the four figures the paper links to, into out_dir; returns their paths in FIGURE_NAMES order."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = decomposed(tensors)
     draw = {
         "delta_norms.png": lambda: delta_norms_figure(tensors),
         "energy_vs_rank.png": lambda: energy_figure(tensors, energy_curve),
@@ -54,6 +55,12 @@ def save_png(fig: Figure, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- per-tensor numbers
+
+
+def decomposed(tensors: dict) -> dict:
+    """tensors.json restricted to the deltas that were decomposed: extras saved whole or skipped have no
+    spectrum, and no place among the per-module figures."""
+    return tensors | {"tensors": [t for t in tensors["tensors"] if "singular_values" in t]}
 
 
 def module_kinds(tensors: dict) -> list[str]:

@@ -18,7 +18,7 @@ import numpy as np
 from fpdf import FPDF, FontFace, TextStyle
 from PIL import Image
 
-from weightdiff.figures import energy_curves, layer_norm_grid, module_kinds
+from weightdiff.figures import decomposed, energy_curves, layer_norm_grid, module_kinds
 from weightdiff.files import write_atomic
 
 # In the order the paper shows them (the seeds' order: magnitudes, rank, pipeline, layers).
@@ -36,7 +36,7 @@ FIGURE = re.compile(r"^!\[[^\]]*\]\(([^)]+)\)\n\n\*([^*\n]+)\*$", re.MULTILINE) 
 def write_paper(run: dict, figures_dir: Path, out_dir: Path) -> tuple[Path, Path]:
     """Writes out_dir/paper.md and out_dir/paper.pdf (atomically) from the run's outputs and figures."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = paper_markdown(run, figures_dir, out_dir)
+    text = paper_markdown(run | {"tensors": decomposed(run["tensors"])}, figures_dir, out_dir)
     md_path = write_atomic(out_dir / "paper.md", text.encode())
     pdf_path = write_atomic(out_dir / "paper.pdf", paper_pdf(text, out_dir))
     return md_path, pdf_path
