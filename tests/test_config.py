@@ -32,3 +32,12 @@ def test_pair_group_sets_both_models():
 def test_bad_override_is_a_user_error():
     with pytest.raises(WeightdiffError, match="extract.rnak"):
         run_config(["extract.rnak=8"], params=REPO / "params.yaml")
+
+
+def test_extract_checkpoints_survive_dvc_rerunning_the_stage():
+    """DVC deletes a stage's outs before running it: checkpoints inside one could never resume a killed run."""
+    from weightdiff.figures import dvc_stages
+
+    checkpoints = Path(composed_conf(conf_dir=REPO / "conf").paths.checkpoints)
+    outs = [Path(o) for stage in dvc_stages(REPO / "dvc.yaml").values() for o in stage["outs"]]
+    assert outs and not any(checkpoints == o or o in checkpoints.parents for o in outs)
