@@ -1,4 +1,6 @@
 
+from pathlib import Path
+
 import pytest
 import yaml
 
