@@ -26,9 +26,11 @@ from weightdiff.adapter import (PREFIX, adapter_config, adapter_config_json, exa
                                 target_modules_field)
 from weightdiff.checkpoint import TensorReader
 from weightdiff.errors import WeightdiffError
+from weightdiff.experts import (adapted_ranks, decompose_experts, linears_as_parameters, parameter_paths, peft_keys,
+                                target_parameters_field)
 from weightdiff.files import write_atomic
 from weightdiff.lowrank import Truncated, frobenius_norm, lora_factors, residual_norm, truncated_svd
-from weightdiff.plan import Unit, model_modules, units
+from weightdiff.plan import Unit, in_memory, model_modules, units
 from weightdiff.rank import auto_rank, chosen_rank, energy_rank, noise_floor, sketch_rank
 from weightdiff.resume import Checkpoint, checkpoint_key
 from weightdiff.stream import Delta, deltas, pair_delta
@@ -160,6 +162,8 @@ def decompose(unit: Unit, ds: list[Delta], opts: Options, tensors: dict) -> tupl
         return decompose_embedding(unit, ds, opts)
     if unit.kind == "whole":
         return whole_module(unit, ds)
+    if unit.kind == "experts":
+        return decompose_experts(unit, ds, opts, tensors, tensor_seed(unit.module, opts.svd.seed))
     return measured(ds), {}
 
 
@@ -211,7 +215,8 @@ def diagnosis(reports: list[dict], opts: Options, target: float, readers, worst:
     energy = sum(r["energy"] * r["delta_norm"] ** 2 for r in extracted) / total
     if energy >= target:
         return {"low_rank": True, "energy": energy, "target": target}
-    worst_reports = sorted(extracted, key=lambda r: r["energy"])[:worst]
+    # experts are left to tensors.json's per-expert energies: their report names no single checkpoint tensor
+    worst_reports = sorted((r for r in extracted if r.get("unit") != "experts"), key=lambda r: r["energy"])[:worst]
     rows = []
     for r in worst_reports:
         dw = pair_delta(r["name"], *readers).value
@@ -234,9 +239,10 @@ def extract(index: dict, manifest: dict, settings: DictConfig, adapter_dir: Path
     parameters = sum(math.prod(t["shape"]) for t in tensors.values())
     opts = resolved_options(settings, parameters)
     modules = model_modules(index["model_a"]["config"])
+    tensors = in_memory(tensors, modules)
     plan = units(tensors, settings, modules)
-    log.info("extracting %d linear modules (%s) at rank %d (%s policy%s), alpha %s, factors in %s, on %s",
-             sum(u.kind == "linear" for u in plan),
+    log.info("extracting %d linear modules and %d expert parameters (%s) at rank %d (%s policy%s), alpha %s, "
+             "factors in %s, on %s", sum(u.kind == "linear" for u in plan), sum(u.kind == "experts" for u in plan),
              settings.target_modules if isinstance(settings.target_modules, str) else ",".join(settings.target_modules),
              opts.rank if opts.policy == "fixed" else opts.max_rank, opts.policy,
              "" if opts.policy == "fixed" else f", capped at {opts.max_rank}",
@@ -267,12 +273,12 @@ def extract(index: dict, manifest: dict, settings: DictConfig, adapter_dir: Path
                     sampled_exact_check(ds, reports[0], opts)
                 linear_seen += 1
             for r in reports:
-                entry = tensors[r["name"]]
-                r |= {"module": unit.module, "layer": entry["layer"], "kind": entry["kind"], "unit": unit.kind}
+                entry = tensors[unit.tensors[0]]
+                r |= {"module": unit.module, "layer": entry["layer"], "kind": r.get("kind", entry["kind"]), "unit": unit.kind}
             checkpoint.save(unit_id(unit), reports, factors)
             results[i] = (reports, factors)
     reports = [r for i in range(len(plan)) for r in results[i][0]]
-    factors = {k: v for i in range(len(plan)) for k, v in results[i][1].items()}
+    factors = peft_keys({k: v for i in range(len(plan)) for k, v in results[i][1].items()}, modules.experts if modules else ())
     metrics = summary(reports, factors, opts, manifest)
     metrics["diagnosis"] = diagnosis(reports, opts, opts.energy, readers)
     config = adapter_config_for(plan, reports, tensors, settings, opts, manifest)
@@ -289,7 +295,7 @@ def unit_id(unit: Unit) -> str:
 
 
 def summary(reports: list[dict], factors: dict, opts: Options, manifest: dict) -> dict:
-    linear = [r for r in reports if r.get("unit") == "linear" and "energy" in r]
+    linear = [r for r in reports if r.get("unit") in ("linear", "experts") and "energy" in r]
     extracted = [r for r in linear if r["status"] == "extracted"]
     if not extracted:
         raise WeightdiffError(f"A and B are identical on all {len(linear)} target tensors: there is nothing to extract")
@@ -329,14 +335,19 @@ def adapter_config_for(plan: list[Unit], reports: list[dict], tensors: dict, set
     extracted = [m for m in candidates if by_module[m]["status"] == "extracted"]
     names = [] if isinstance(settings.target_modules, str) else list(settings.target_modules)
     names += sorted({m.rpartition(".")[2] for m in candidates if not is_target(m, names)})
-    ranks = {m: by_module[m]["rank"] for m in extracted}
+    weights = linears_as_parameters(extracted, tensors)
+    parameters = {f"{m}.weight": by_module[m]["rank"] for m in weights} | adapted_ranks(reports)
+    ranks = {m: by_module[m]["rank"] for m in extracted if m not in weights} | parameters
     r = opts.rank if opts.policy == "fixed" else max(ranks.values())
     config = adapter_config(
         base_model=base_model_name(manifest["model_a"]), rank=r,
         alpha=float(r) if opts.alpha is None else opts.alpha,
-        target_modules=target_modules_field(extracted, names, sorted({t["module"] for t in tensors.values()})),
+        target_modules=target_modules_field([m for m in extracted if m not in weights], names,
+                                            sorted({t["module"] for t in tensors.values()})),
         rank_pattern={exact_pattern(m): k for m, k in ranks.items() if k != r},
         alpha_pattern={exact_pattern(m): float(k) for m, k in ranks.items() if k != r and opts.alpha is None})
+    if parameters:
+        config["target_parameters"] = target_parameters_field(list(parameters), parameter_paths(tensors))
     saved = sorted({u.module for u in plan if u.kind == "whole"})
     if saved:
         config["modules_to_save"] = saved

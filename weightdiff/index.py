@@ -8,13 +8,33 @@ from weightdiff.checkpoint import tensor_infos
 from weightdiff.verify import model_config
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
+EXPERT = re.compile(r"\.experts\.(\d+)\.")
+# Where a tensor sits in a block, first match wins. Routed experts come on disk per expert
+# (mlp.experts.<e>.gate_proj.weight) or fused (mlp.experts.gate_up_proj [E, 2I, H]); the router is
+# mlp.gate (Mixtral: block_sparse_moe.gate), Qwen's shared expert has its own sigmoid gate.
+GROUPS = (("experts", re.compile(r"\.experts\.")),
+          ("shared_expert_gate", re.compile(r"\.shared_expert_gate\.")),
+          ("shared_expert", re.compile(r"\.shared_experts?\.")),
+          ("router", re.compile(r"\.(?:mlp|block_sparse_moe)\.(?:gate|router)\.")),
+          ("linear_attention", re.compile(r"\.linear_attn\.")),
+          ("attention", re.compile(r"\.self_attn\.")),
+          ("mlp", re.compile(r"\.(?:mlp|block_sparse_moe)\.")))
+
+
+def tensor_group(name: str) -> str | None:
+    """attention, linear_attention, mlp, experts, shared_expert, shared_expert_gate, router; None outside blocks."""
+    return next((group for group, pattern in GROUPS if pattern.search(name)), None)
 
 
 def tensor_entry(name: str, shard: str, dtype: str, shape: tuple[int, ...]) -> dict:
-    module, _, _ = name.rpartition(".")
-    layer = LAYER.search(name)
+    """kind: the module's own name (q_proj, gate_proj of expert 3), or for fused experts the parameter's
+    (gate_up_proj, down_proj), which are not modules of their own."""
+    module, _, leaf = name.rpartition(".")
+    layer, expert, group = LAYER.search(name), EXPERT.search(name), tensor_group(name)
+    fused = group == "experts" and not expert
     return {"shard": shard, "dtype": dtype, "shape": list(shape), "layer": int(layer.group(1)) if layer else None,
-            "module": module, "kind": module.rpartition(".")[2]}
+            "module": module, "kind": leaf if fused else module.rpartition(".")[2], "group": group,
+            "expert": int(expert.group(1)) if expert else None}
 
 
 def model_index(model_dir: Path) -> dict:
