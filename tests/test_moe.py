@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
 
 import tiny_moe
-from conftest import local_manifest
+from conftest import REPO, local_manifest
 from test_roundtrip import run_extract
+from weightdiff.config import composed_conf
 from weightdiff.errors import WeightdiffError
 from weightdiff.experts import decompose_experts, parameter_key, peft_keys
 from weightdiff.extract import resolved_options
@@ -239,14 +240,16 @@ def planned(pair: tuple[Path, Path], target_modules) -> tuple[set[str], set[str]
             {u.module.split(".", 3)[3] for u in plan if u.kind == "experts"})
 
 
-def test_target_selection_by_name(qwen3_5_moe_pair, qwen3_moe_pair):
+def test_target_selection_by_name_and_preset(qwen3_5_moe_pair, qwen3_moe_pair):
     everything = {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b",
                   "out_proj", "gate_proj", "up_proj", "down_proj", "shared_expert_gate"}
     experts = {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
     assert planned(qwen3_5_moe_pair, "all-linear") == (everything, experts)  # no lm_head, no router
     assert planned(qwen3_5_moe_pair, ["q_proj", "experts"]) == ({"q_proj"}, experts)
     assert planned(qwen3_5_moe_pair, ["mlp.experts.gate_up_proj"]) == (set(), {"mlp.experts.gate_up_proj"})
-    assert planned(qwen3_5_moe_pair, ["self_attn", "linear_attn", "experts", "shared_expert"]) == (everything - {"shared_expert_gate"}, experts)
-    assert planned(qwen3_moe_pair, ["self_attn", "experts"]) == ({"q_proj", "k_proj", "v_proj", "o_proj"}, experts)
+    preset = composed_conf(["targets=qwen3_5_moe"], conf_dir=REPO / "conf").extract.target_modules
+    assert planned(qwen3_5_moe_pair, preset) == (everything - {"shared_expert_gate"}, experts)
+    preset = composed_conf(["targets=qwen3_moe"], conf_dir=REPO / "conf").extract.target_modules
+    assert planned(qwen3_moe_pair, preset) == ({"q_proj", "k_proj", "v_proj", "o_proj"}, experts)
     with pytest.raises(WeightdiffError, match="not linear layers.*mlp.gate"):
         planned(qwen3_5_moe_pair, ["gate"])  # the router: a parameter, not an nn.Linear
