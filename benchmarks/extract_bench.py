@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--delta", choices=("lora", "full"), default="lora")
-    p.add_argument("--power-iters", type=int, nargs="+", default=[2])
+    p.add_argument("--power-iters", type=int, nargs="+", default=[1])
     p.add_argument("--oversample", type=int, default=10)
     p.add_argument("--sample", type=int, default=3, help="tensors compared with the exact SVD")
     p.add_argument("--workdir", type=Path, default=None)

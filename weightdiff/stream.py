@@ -6,6 +6,7 @@ unit whatever the size of the model.
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from dataclasses import dataclass
@@ -32,12 +33,13 @@ def pair_delta(name: str, reader_a: TensorReader, reader_b: TensorReader, rms: b
                keep_b: bool = False) -> Delta:
     """W_B − W_A in fp32; non-finite weights are an error naming the model and the tensor, not a NaN adapter."""
     wa, wb = reader_a.get(name), reader_b.get(name)
-    for reader, w in ((reader_a, wa), (reader_b, wb)):
-        bad = (~torch.isfinite(w)).sum().item()
-        if bad:
-            raise WeightdiffError(f"{reader.model_dir / reader.shards[name]}: tensor {name} has {bad} NaN/Inf values")
     delta = wb.to(torch.float32, copy=True)  # never a view of the mapped file, even for fp32 weights
     delta.sub_(wa)  # in place, upcasting wa on the fly: one fp32 buffer instead of three
+    if not math.isfinite(delta.sum().item()):  # NaN/Inf in either weight reaches the sum: one pass, no mask
+        for reader, w in ((reader_a, wa), (reader_b, wb)):
+            bad = (~torch.isfinite(w)).sum().item()
+            if bad:
+                raise WeightdiffError(f"{reader.model_dir / reader.shards[name]}: tensor {name} has {bad} NaN/Inf values")
     rms_a, rms_b = (frobenius_norm(w.float()) / max(w.numel(), 1) ** 0.5 for w in (wa, wb)) if rms else (None, None)
     return Delta(name, delta, rms_a, rms_b, wb.clone() if keep_b else None)
 
