@@ -22,7 +22,7 @@ from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
 
 import tiny_moe
 from conftest import REPO, local_manifest
-from test_roundtrip import run_extract
+from test_roundtrip import edited_copy, run_extract
 from weightdiff.config import composed_conf
 from weightdiff.errors import WeightdiffError
 from weightdiff.experts import decompose_experts, parameter_key, peft_keys
@@ -145,6 +145,19 @@ def test_every_expert_is_extracted_and_peft_on_a_reproduces_b(request, pair, tmp
     assert result["kl_base"] > 1000 * result["kl_adapted"]
     partial = validate(manifest, without_experts(tmp_path / "adapter", tmp_path / "no_experts"), cfg.validate)
     assert partial["kl_adapted"] > 100 * max(result["kl_adapted"], 1e-6)  # the experts' factors are applied
+
+
+def test_a_zero_delta_module_stays_unwrapped_on_qwen3_moe(qwen3_moe_pair, tmp_path, cfg):
+    """PEFT resolves a regex target_modules of Qwen3-MoE to leaf names (wrapping every v_proj): the exact
+    selection that leaves out a module without factors has to be a list of paths there."""
+    dir_a, dir_b = qwen3_moe_pair
+    name = "model.layers.1.self_attn.v_proj.weight"
+    same = load_file(dir_a / "model.safetensors")[name]
+    manifest, metrics, _ = run_extract(dir_a, edited_copy(dir_b, tmp_path / "b", lambda t: t.__setitem__(name, same)),
+                                       tmp_path / "adapter", cfg, rank=8)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert metrics["tensors_zero"] == 1 and "model.layers.0.self_attn.v_proj" in config["target_modules"]
+    assert validate(manifest, tmp_path / "adapter", cfg.validate)["kl_adapted"] <= 1e-4  # raises on a missing key
 
 
 def per_expert_keys(factors: dict[str, torch.Tensor], experts: int) -> dict[str, torch.Tensor]:

@@ -186,6 +186,16 @@ def linears_as_parameters(extracted: list[str], tensors: dict[str, dict]) -> lis
     return [m for m in extracted if m.rpartition(".")[2] in PEFT_REMAPPED]
 
 
+def exact_target_modules(field: list[str] | str, modules: list[str], tensors: dict[str, dict]) -> list[str] | str:
+    """target_modules as written (`target_modules_field`), except a regex on a model with fused experts: there
+    the full paths of the modules with factors. PEFT (0.21) resolves a regex on qwen2_moe/mixtral-family models
+    to the leaf names it matches (to re-target the experts' old names), which would wrap every module of that
+    name, those left out for a zero delta included; a list of full paths stays exact."""
+    if isinstance(field, str) and any("param" in t for t in tensors.values()):
+        return sorted(modules)
+    return field
+
+
 def parameter_paths(tensors: dict[str, dict]) -> list[str]:
     """Every parameter of the model as held in memory (fused experts once), which target_parameters entries
     are matched against."""

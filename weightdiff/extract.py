@@ -26,8 +26,8 @@ from weightdiff.adapter import (PREFIX, adapter_config, adapter_config_json, exa
                                 target_modules_field)
 from weightdiff.checkpoint import TensorReader
 from weightdiff.errors import WeightdiffError
-from weightdiff.experts import (adapted_ranks, decompose_experts, linears_as_parameters, parameter_paths, peft_keys,
-                                target_parameters_field)
+from weightdiff.experts import (adapted_ranks, decompose_experts, exact_target_modules, linears_as_parameters,
+                                parameter_paths, peft_keys, target_parameters_field)
 from weightdiff.files import write_atomic
 from weightdiff.lowrank import Truncated, frobenius_norm, lora_factors, residual_norm, truncated_svd
 from weightdiff.plan import Unit, in_memory, model_modules, units
@@ -336,14 +336,15 @@ def adapter_config_for(plan: list[Unit], reports: list[dict], tensors: dict, set
     names = [] if isinstance(settings.target_modules, str) else list(settings.target_modules)
     names += sorted({m.rpartition(".")[2] for m in candidates if not is_target(m, names)})
     weights = linears_as_parameters(extracted, tensors)
+    listed = [m for m in extracted if m not in weights]
     parameters = {f"{m}.weight": by_module[m]["rank"] for m in weights} | adapted_ranks(reports)
-    ranks = {m: by_module[m]["rank"] for m in extracted if m not in weights} | parameters
+    ranks = {m: by_module[m]["rank"] for m in listed} | parameters
     r = opts.rank if opts.policy == "fixed" else max(ranks.values())
+    field = target_modules_field(listed, names, sorted({t["module"] for t in tensors.values()}))
     config = adapter_config(
         base_model=base_model_name(manifest["model_a"]), rank=r,
         alpha=float(r) if opts.alpha is None else opts.alpha,
-        target_modules=target_modules_field([m for m in extracted if m not in weights], names,
-                                            sorted({t["module"] for t in tensors.values()})),
+        target_modules=exact_target_modules(field, listed, tensors),
         rank_pattern={exact_pattern(m): k for m, k in ranks.items() if k != r},
         alpha_pattern={exact_pattern(m): float(k) for m, k in ranks.items() if k != r and opts.alpha is None})
     if parameters:
