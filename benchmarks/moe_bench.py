@@ -5,6 +5,7 @@
 
 For each fused projection of one layer (gate_up_proj [E, 2I, H], down_proj [E, H, I]) a synthetic delta
 (per expert a rank-8 LoRA-like part plus 1% noise), decomposed at --rank by weightdiff.lowrank.truncated_svd
+with params.yaml's extract.svd settings
 on the stack [E, m, n] (what extraction does) and on each expert's matrix in a Python loop; then the whole
 unit as extraction runs it (weightdiff.experts.decompose_experts: SVD, factors in PEFT's layout, per-expert
 errors). Prints experts/s for each and the largest relative gap between the two ways' singular values.
@@ -24,6 +25,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from weightdiff.config import run_config  # noqa: E402
 from weightdiff.experts import decompose_experts  # noqa: E402
 from weightdiff.extract import resolved_options  # noqa: E402
 from weightdiff.lowrank import truncated_svd  # noqa: E402
@@ -87,10 +89,10 @@ def main() -> None:
     experts, hidden, inter = SHAPES[args.shape]
     experts = min(args.experts or experts, experts)
     device = torch.device(args.device)
-    settings = OmegaConf.create({"rank": args.rank, "dtype": "fp16", "alpha": None, "device": args.device,
-                                 "svd": {"method": "randomized", "oversample": 10, "power_iters": 2, "seed": 0}})
-    print(f"{args.shape}: {experts} experts, rank {args.rank}, {args.device}, {torch.get_num_threads()} threads, "
-          f"best of {args.repeat}")
+    settings = OmegaConf.merge(run_config(params=ROOT / "params.yaml").extract,  # the pipeline's SVD settings
+                               {"rank": args.rank, "rank_policy": "fixed", "device": args.device})
+    print(f"{args.shape}: {experts} experts, rank {args.rank}, {settings.svd.power_iters} power iterations, "
+          f"{args.device}, {torch.get_num_threads()} threads, best of {args.repeat}")
     for name, (m, n) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
         r = bench_projection(name, synthetic_delta(experts, m, n), args.rank, device, settings, args.repeat)
         print(f"  {name} {r['shape']}: batched {r['batched_experts_per_s']:.1f} experts/s, one by one "
