@@ -6,23 +6,11 @@ from weightdiff.extract import energy_curve, extract
 from weightdiff.files import read_json, require_writable, write_atomic, write_json
 
 
-def same_shapes(index: dict) -> dict:
-    """The index without the tensors whose shapes differ between A and B.
-
-    Verify lets such tensors through only as resized embeddings (verify.resized_embeddings=skip): they have
-    no delta, so extraction must neither decompose nor measure them.
-    """
-    a, b = index["model_a"]["tensors"], index["model_b"]["tensors"]
-    resized = {n for n in a.keys() & b.keys() if a[n]["shape"] != b[n]["shape"]}
-    return {side: entry | {"tensors": {n: t for n, t in entry["tensors"].items() if n not in resized}}
-            for side, entry in index.items()}
-
-
 def main(cfg) -> None:
     for output in (cfg.paths.adapter, cfg.paths.checkpoints, cfg.paths.tensors, cfg.paths.extract_metrics,
                    cfg.paths.energy_curve):
         require_writable(Path(output).parent)
-    metrics, reports = extract(same_shapes(read_json(cfg.paths.index)), read_json(cfg.paths.manifest), cfg.extract,
+    metrics, reports = extract(read_json(cfg.paths.index), read_json(cfg.paths.manifest), cfg.extract,
                                Path(cfg.paths.adapter), Path(cfg.paths.checkpoints))
     write_json(Path(cfg.paths.tensors), {"rank": metrics["rank"], "alpha": metrics["alpha"],
                                          "dtype": cfg.extract.dtype, "tensors": reports})

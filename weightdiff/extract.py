@@ -231,11 +231,21 @@ def diagnosis(reports: list[dict], opts: Options, target: float, readers, worst:
     return {"low_rank": False, "energy": energy, "target": target, "worst": rows}
 
 
+def same_shapes(index: dict) -> dict[str, dict]:
+    """Model A's tensors without those whose shape differs in B.
+
+    Verify lets such tensors through only as resized embeddings (verify.resized_embeddings=skip): they have
+    no delta, so extraction must neither decompose nor measure them.
+    """
+    a, b = index["model_a"]["tensors"], index["model_b"]["tensors"]
+    return {n: t for n, t in a.items() if n in b and b[n]["shape"] == t["shape"]}
+
+
 def extract(index: dict, manifest: dict, settings: DictConfig, adapter_dir: Path,
             checkpoint_root: Path | None = None) -> tuple[dict, list[dict]]:
     """Writes the adapter; returns (summary metrics, per-tensor reports)."""
     start = time.perf_counter()
-    tensors = index["model_a"]["tensors"]
+    tensors = same_shapes(index)
     parameters = sum(math.prod(t["shape"]) for t in tensors.values())
     opts = resolved_options(settings, parameters)
     modules = model_modules(index["model_a"]["config"])
