@@ -45,37 +45,40 @@ def synthetic_delta(experts: int, m: int, n: int, seed: int = 0) -> torch.Tensor
     return low + 0.01 * torch.randn(experts, m, n, generator=g)
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> tuple[float, object]:
-    """(best wall time of `repeat` runs, the last result): the best is the one least disturbed by other load."""
-    best = float("inf")
+def best_times(runs: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> tuple[dict, dict]:
+    """(best wall time of each run, its last result), the runs interleaved `repeat` times: on a shared machine
+    each then meets the same background load, and the best of each is the least disturbed."""
+    best, results = dict.fromkeys(runs, float("inf")), {}
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for name, fn in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            results[name] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, results
 
 
 def bench_projection(name: str, stack: torch.Tensor, rank: int, device: torch.device, settings, repeat: int) -> dict:
     E = stack.shape[0]
     on_device = stack.to(device)
     svd = settings.svd
-    truncated_svd(on_device[:2], rank, "randomized", svd.oversample, svd.power_iters)  # warm-up (kernels, allocator)
-    batched_s, batched = timed(lambda: truncated_svd(on_device, rank, "randomized", svd.oversample, svd.power_iters),
-                               device, repeat)
-    loop_s, alone = timed(lambda: [truncated_svd(on_device[e], rank, "randomized", svd.oversample, svd.power_iters, e)
-                                   for e in range(E)], device, repeat)
-    gap = max(((batched.S[e] - a.S).abs().max() / a.S[0]).item() for e, a in enumerate(alone))
     param = f"model.layers.0.mlp.experts.{name}"
     opts = resolved_options(settings, 10**10)
-    unit_s, _ = timed(lambda: decompose_experts(Unit("experts", param, (param,)), [Delta(param, stack)], opts,
-                                                {param: {"dtype": "BF16"}}, seed=0), device, repeat)
-    return {"projection": name, "shape": list(stack.shape), "batched_experts_per_s": E / batched_s,
-            "one_by_one_experts_per_s": E / loop_s, "speedup": loop_s / batched_s,
-            "unit_experts_per_s": E / unit_s, "max_singular_value_gap": gap}
+    truncated_svd(on_device[:2], rank, "randomized", svd.oversample, svd.power_iters)  # warm-up (kernels, allocator)
+    seconds, out = best_times({
+        "batched": lambda: truncated_svd(on_device, rank, "randomized", svd.oversample, svd.power_iters),
+        "one_by_one": lambda: [truncated_svd(on_device[e], rank, "randomized", svd.oversample, svd.power_iters, e)
+                               for e in range(E)],
+        "unit": lambda: decompose_experts(Unit("experts", param, (param,)), [Delta(param, stack)], opts,
+                                          {param: {"dtype": "BF16"}}, seed=0),
+    }, device, repeat)
+    gap = max(((out["batched"].S[e] - a.S).abs().max() / a.S[0]).item() for e, a in enumerate(out["one_by_one"]))
+    return {"projection": name, "shape": list(stack.shape), "batched_experts_per_s": E / seconds["batched"],
+            "one_by_one_experts_per_s": E / seconds["one_by_one"], "speedup": seconds["one_by_one"] / seconds["batched"],
+            "unit_experts_per_s": E / seconds["unit"], "max_singular_value_gap": gap}
 
 
 def main() -> None:
@@ -84,7 +87,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=None, help="first E' experts only (default: all of the shape)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--repeat", type=int, default=3, help="runs of each timing; the best counts")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved runs of each timing; the best counts")
     args = p.parse_args()
     experts, hidden, inter = SHAPES[args.shape]
     experts = min(args.experts or experts, experts)
