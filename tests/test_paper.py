@@ -101,3 +101,10 @@ def test_number_formats() -> None:
     assert fmt_energy(0.99999) == "1 − 1.00 × 10⁻⁵"
     assert fmt_bytes(512) == "512 bytes"
     assert fmt_bytes(17_596_416) == "16.8 MiB"
+
+
+def test_a_target_preset_is_named_whole() -> None:
+    from weightdiff.paper import target_names
+
+    assert target_names({"extract": {"target_modules": "auto"}}) == ["auto"]
+    assert target_names({"extract": {"target_modules": ["q_proj", "v_proj"]}}) == ["q_proj", "v_proj"]

@@ -126,6 +126,12 @@ def kind_summary(tensors: dict) -> list[dict]:
     return rows
 
 
+def target_names(params: dict) -> list[str]:
+    """extract.target_modules as a list: a preset name (auto, all-linear) is one entry, not its letters."""
+    targets = params["extract"]["target_modules"]
+    return [targets] if isinstance(targets, str) else list(targets)
+
+
 def figure_block(number: int, name: str, figures_dir: Path, out_dir: Path) -> str:
     """An image line with a path relative to the paper (so it renders in the repo) and its caption."""
     link = Path(os.path.relpath(figures_dir / name, out_dir)).as_posix()
@@ -236,7 +242,7 @@ Peak memory is two tensors plus the SVD workspace, whatever the model size.
 
 ### 2.5 Target modules
 
-The target modules are {', '.join(f'`{m}`' for m in p['extract']['target_modules'])}; the factors are
+The target modules are {', '.join(f'`{m}`' for m in target_names(p))}; the factors are
 stored as {p['extract']['dtype']}.
 """
 
@@ -264,7 +270,7 @@ def setup_subsection(run: dict) -> str:
 | LoRA alpha α | {fmt_num(e['alpha'])} |
 | Factor dtype | {p['extract']['dtype']} |
 | SVD | {svd_line(p)} |
-| Target modules | {', '.join(p['extract']['target_modules'])} |
+| Target modules | {', '.join(target_names(p))} |
 | Tensors | {counts} |
 | Adapter parameters | {e['adapter_params']:,} |
 | GGUF export | {g['arch']}, {g['tensors']} tensors, {g['dtype']} |
@@ -405,7 +411,7 @@ def limitations(run: dict) -> list[str]:
     items = [
         "**Same architecture and base.** The extraction needs identical tensor names and shapes in A and B, "
         "and it is only meaningful when both derive from one base model.",
-        f"**Target modules only.** The adapter represents the deltas of {', '.join(p['extract']['target_modules'])} "
+        f"**Target modules only.** The adapter represents the deltas of {', '.join(target_names(p))} "
         "only; any difference in other tensors (embeddings, norms, biases) is not carried over.",
         f"**Small validation.** KL and top-1 agreement are means over {v['tokens']} token positions; they "
         "measure agreement with B's next-token distribution, not task quality.",
