@@ -46,6 +46,7 @@ import torch
 from gguf import GGMLQuantizationType, MODEL_ARCH, MODEL_TENSOR
 from safetensors import safe_open
 
+from weightdiff.adapter import PREFIX as PEFT_PREFIX
 from weightdiff.errors import WeightdiffError
 from weightdiff.files import atomic_path
 
@@ -53,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 # GGUF suffix of each LoRA half -> the PEFT key suffix it comes from.
 FACTOR_SUFFIXES = {"lora_a": ".lora_A.weight", "lora_b": ".lora_B.weight"}
 
