@@ -21,7 +21,7 @@ import torch
 
 from weightdiff.adapter import PREFIX
 from weightdiff.errors import WeightdiffError
-from weightdiff.lowrank import Truncated, lora_factors, truncated_svd
+from weightdiff.lowrank import ZERO_DELTA, Truncated, lora_factors, truncated_svd
 from weightdiff.plan import Unit
 from weightdiff.rank import chosen_rank, noise_floor, sketch_rank
 from weightdiff.stream import Delta
@@ -106,8 +106,7 @@ def decompose_experts(unit: Unit, ds: list[Delta], opts: Options, tensors: dict[
     if norm == 0.0:
         zeros = {"rank": [0] * E, "delta_norm": [0.0] * E, "energy": [1.0] * E, "rel_error": [0.0] * E,
                  "singular_values": [[] for _ in range(E)]}
-        return [report | {"status": "zero", "rank": 0, "energy": 1.0, "rel_error": 0.0, "singular_values": [],
-                          "experts": zeros}], {}
+        return [report | ZERO_DELTA | {"experts": zeros}], {}
     cap = min(sketch_rank(opts.policy, opts.rank, opts.max_rank), m, n)
     svd = opts.svd
     full = truncated_svd(dw.to(opts.device), cap, svd.method, svd.oversample, svd.power_iters, seed)

@@ -29,7 +29,7 @@ from weightdiff.errors import WeightdiffError
 from weightdiff.experts import (adapted_ranks, decompose_experts, exact_target_modules, linears_as_parameters,
                                 parameter_paths, peft_keys, target_parameters_field)
 from weightdiff.files import write_atomic
-from weightdiff.lowrank import Truncated, frobenius_norm, lora_factors, residual_norm, truncated_svd
+from weightdiff.lowrank import ZERO_DELTA, Truncated, frobenius_norm, lora_factors, residual_norm, truncated_svd
 from weightdiff.plan import Unit, in_memory, model_modules, units
 from weightdiff.rank import auto_rank, chosen_rank, energy_rank, noise_floor, sketch_rank
 from weightdiff.resume import Checkpoint, checkpoint_key
@@ -102,7 +102,7 @@ def decompose_linear(unit: Unit, ds: list[Delta], opts: Options, storage_dtype: 
     dw, norm = weight.value, frobenius_norm(weight.value)
     report = stats(weight, norm)
     if norm == 0.0 and (bias is None or not bias.value.any()):
-        return [report | {"status": "zero", "rank": 0, "energy": 1.0, "rel_error": 0.0, "singular_values": []}], {}
+        return [report | ZERO_DELTA], {}
     cap = min(sketch_rank(opts.policy, opts.rank, opts.max_rank), *dw.shape)
     full = spectrum(dw, cap, weight.name, opts)
     floor = noise_floor(tuple(dw.shape), storage_dtype, weight.rms_a, weight.rms_b) if opts.policy == "noise_floor" else 0.0
@@ -133,7 +133,7 @@ def decompose_embedding(unit: Unit, ds: list[Delta], opts: Options) -> tuple[lis
     (d,) = ds
     norm = frobenius_norm(d.value)
     if norm == 0.0:
-        return [stats(d, norm) | {"status": "zero", "rank": 0, "energy": 1.0, "rel_error": 0.0, "singular_values": []}], {}
+        return [stats(d, norm) | ZERO_DELTA], {}
     t = keep(spectrum(d.value, min(opts.rank, *d.value.shape), d.name, opts), min(opts.rank, *d.value.shape))
     scaling = opts.scaling(len(t.S))
     B_t, A_t = lora_factors(Truncated(t.Vh.T, t.S, t.U.T), scaling)  # the SVD of ΔWᵀ
@@ -259,8 +259,8 @@ def extract(index: dict, manifest: dict, settings: DictConfig, adapter_dir: Path
              "= rank" if opts.alpha is None else f"{opts.alpha:g}", settings.dtype, opts.device)
     checkpoint = Checkpoint(checkpoint_root or adapter_dir.parent / ".checkpoints",
                             checkpoint_key(manifest, OmegaConf.to_container(settings, resolve=True)))
-    if checkpoint.done():
-        log.info("resuming: %d of %d units already done (%s)", checkpoint.done(), len(plan), checkpoint.dir)
+    if finished := checkpoint.done():
+        log.info("resuming: %d of %d units already done (%s)", finished, len(plan), checkpoint.dir)
     results: dict[int, tuple[list[dict], dict]] = {}
     todo = []
     for i, unit in enumerate(plan):

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 import torch
 
 
+# What a report says of an all-zero delta: nothing kept, nothing lost, no spectrum.
+ZERO_DELTA = {"status": "zero", "rank": 0, "energy": 1.0, "rel_error": 0.0, "singular_values": []}
+
+
 @dataclass
 class Truncated:
     U: torch.Tensor  # [..., out, r]
