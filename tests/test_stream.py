@@ -1,0 +1,58 @@
+"""Forming ΔW: exact against the obvious computation, in reused workspaces, with or without prefetching."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from weightdiff.checkpoint import TensorReader
+from weightdiff.errors import WeightdiffError
+from weightdiff.plan import Unit
+from weightdiff.stream import BLOCK, deltas, difference_into
+
+SHAPES = {"big.weight": (BLOCK // 100 + 7, 300), "small.weight": (3, 5), "norm.weight": (11,),
+          "experts.weight": (4, 9, 13), "wide.weight": (2, BLOCK + 1)}
+
+
+@pytest.fixture
+def pair(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    a = {n: torch.randn(s, generator=g).bfloat16() for n, s in SHAPES.items()}
+    b = {n: (w.float() + torch.randn(s, generator=g) * 1e-2).bfloat16() for (n, w), s in zip(a.items(), SHAPES.values())}
+    for side, tensors in (("a", a), ("b", b)):
+        (tmp_path / side).mkdir()
+        save_file(tensors, tmp_path / side / "model.safetensors")
+    return tmp_path, a, b
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_deltas_are_exact_in_reused_workspaces(pair, prefetch):
+    root, a, b = pair
+    # small after big, big again: workspaces are reused at every size, never stale
+    order = ["big.weight", "small.weight", "norm.weight", "big.weight", "experts.weight", "wide.weight", "small.weight"]
+    units = [Unit("linear", n.removesuffix(".weight"), (n,)) for n in order] + [Unit("whole", "pair", ("norm.weight", "small.weight"))]
+    seen = []
+    for unit, ds in zip(units, deltas(units, TensorReader(root / "a"), TensorReader(root / "b"), prefetch=prefetch)):
+        for name, d in zip(unit.tensors, ds):
+            assert d.name == name and d.value.dtype == torch.float32
+            assert torch.equal(d.value, b[name].float() - a[name].float()), name
+        seen.append(unit)
+    assert seen == units
+
+
+def test_difference_into_reports_non_finite_weights():
+    wa = torch.zeros(5, 7, dtype=torch.bfloat16)
+    wb = wa.clone()
+    wb[3, 2] = float("nan")
+    assert difference_into(torch.empty(5, 7), wa, wb) != difference_into(torch.empty(5, 7), wa, wb)  # NaN
+    wb[3, 2] = float("inf")
+    assert difference_into(torch.empty(5, 7), wa, wb) == float("inf")
+
+
+def test_nan_names_model_and_tensor(pair):
+    root, a, b = pair
+    b = dict(b)
+    b["small.weight"] = b["small.weight"].clone()
+    b["small.weight"][1, 1] = float("nan")
+    save_file(b, root / "b" / "model.safetensors")
+    unit = Unit("linear", "small", ("small.weight",))
+    with pytest.raises(WeightdiffError, match=r"b/model.safetensors: tensor small.weight has 1 NaN/Inf"):
+        list(deltas([unit], TensorReader(root / "a"), TensorReader(root / "b"), prefetch=1))
