@@ -29,7 +29,7 @@ from weightdiff.experts import decompose_experts, parameter_key, peft_keys
 from weightdiff.extract import resolved_options
 from weightdiff.index import build_index
 from weightdiff.lowrank import truncated_svd
-from weightdiff.plan import Unit, in_memory, model_modules, units
+from weightdiff.plan import Unit, indexed_modules, units
 from weightdiff.stream import Delta
 from weightdiff.validate import validate
 
@@ -247,8 +247,8 @@ def test_batched_svd_of_all_experts_matches_each_expert_alone():
 def planned(pair: tuple[Path, Path], target_modules) -> tuple[set[str], set[str]]:
     """(kinds of the linear units, in-memory paths of the expert units, without layer) the targets select."""
     entry = index_of(pair)
-    modules = model_modules(entry["config"])
-    plan = units(in_memory(entry["tensors"], modules), OmegaConf.create({"target_modules": target_modules}), modules)
+    modules = indexed_modules(entry)
+    plan = units(entry["tensors"], OmegaConf.create({"target_modules": target_modules}), modules)
     return ({u.module.rpartition(".")[2] for u in plan if u.kind == "linear"},
             {u.module.split(".", 3)[3] for u in plan if u.kind == "experts"})
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -122,3 +124,20 @@ def test_validate_fails_on_keys_peft_does_not_load(tiny_pair, tmp_path, cfg, ren
     save_file({rename(k): v for k, v in load_file(path).items()}, path)
     with pytest.raises(WeightdiffError, match=r"PEFT does not load this adapter as written: \d+ missing keys"):
         validate(manifest, tmp_path / "adapter", cfg.validate)
+
+
+def test_extraction_needs_no_model_code(tiny_pair, tmp_path, cfg):
+    """A rank sweep reruns extract alone: the module layout comes from the index, never from importing
+    transformers' model code and building the model (~3 s of start-up each time)."""
+    manifest = local_manifest(*tiny_pair)
+    for name, obj in (("index", build_index(manifest)), ("manifest", manifest),
+                      ("settings", OmegaConf.to_container(cfg.extract, resolve=True) | {"rank": 4})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(obj))
+    code = ("import json, sys; from pathlib import Path; from omegaconf import OmegaConf; "
+            "from weightdiff.extract import extract; "
+            "index, manifest, settings = (json.loads(Path(sys.argv[1], n + '.json').read_text()) for n in ('index', 'manifest', 'settings')); "
+            "metrics, _ = extract(index, manifest, OmegaConf.create(settings), Path(sys.argv[1], 'adapter')); "
+            "print(metrics['tensors_extracted'], sorted(m for m in sys.modules if m.startswith('transformers')))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1])
+    assert out.stdout.split() == ["14", "[]"]

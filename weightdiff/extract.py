@@ -30,7 +30,7 @@ from weightdiff.experts import (adapted_ranks, decompose_experts, exact_target_m
                                 parameter_paths, peft_keys, target_parameters_field)
 from weightdiff.files import write_atomic
 from weightdiff.lowrank import ZERO_DELTA, Truncated, frobenius_norm, lora_factors, residual_norm, truncated_svd
-from weightdiff.plan import Unit, in_memory, model_modules, units
+from weightdiff.plan import Unit, indexed_modules, units
 from weightdiff.rank import auto_rank, chosen_rank, energy_rank, noise_floor, sketch_rank
 from weightdiff.resume import Checkpoint, checkpoint_key
 from weightdiff.stream import Delta, deltas, pair_delta
@@ -248,8 +248,7 @@ def extract(index: dict, manifest: dict, settings: DictConfig, adapter_dir: Path
     tensors = same_shapes(index)
     parameters = sum(math.prod(t["shape"]) for t in tensors.values())
     opts = resolved_options(settings, parameters)
-    modules = model_modules(index["model_a"]["config"])
-    tensors = in_memory(tensors, modules)
+    modules = indexed_modules(index["model_a"])
     plan = units(tensors, settings, modules)
     log.info("extracting %d linear modules and %d expert parameters (%s) at rank %d (%s policy%s), alpha %s, "
              "factors in %s, on %s", sum(u.kind == "linear" for u in plan), sum(u.kind == "experts" for u in plan),

@@ -1,10 +1,15 @@
-"""A header-only index of every tensor of both models, independent of the targets chosen later."""
+"""A header-only index of every tensor of both models, independent of the targets chosen later.
+
+Tensors are placed in the model as transformers holds it in memory (module paths, fused expert parameters),
+which is what PEFT matches; the module layout is recorded too, so later stages need no model code.
+"""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
 from weightdiff.checkpoint import tensor_infos
+from weightdiff.plan import in_memory, model_modules
 from weightdiff.verify import model_config
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
@@ -38,8 +43,11 @@ def tensor_entry(name: str, shard: str, dtype: str, shape: tuple[int, ...]) -> d
 
 
 def model_index(model_dir: Path) -> dict:
-    return {"path": str(model_dir), "config": model_config(model_dir),
-            "tensors": {n: tensor_entry(n, i.shard, i.dtype, i.shape) for n, i in sorted(tensor_infos(model_dir).items())}}
+    config = model_config(model_dir)
+    modules = model_modules(config)
+    tensors = {n: tensor_entry(n, i.shard, i.dtype, i.shape) for n, i in sorted(tensor_infos(model_dir).items())}
+    return {"path": str(model_dir), "config": config, "modules": modules.to_json() if modules else None,
+            "tensors": in_memory(tensors, modules)}
 
 
 def build_index(manifest: dict) -> dict:

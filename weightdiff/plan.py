@@ -40,7 +40,24 @@ class ModelModules:
     embedding: frozenset[str]
     output: str | None  # the LM head's path
     experts: tuple[str, ...] = ()  # fused expert parameters [E, out, in], in registration order
-    rename: Callable[[str], tuple[str, int | None]] | None = None  # see checkpoint_renaming
+    rename: Callable[[str], tuple[str, int | None]] | None = None  # see checkpoint_renaming; not kept in the index
+
+    def to_json(self) -> dict:
+        return {"linear": sorted(self.linear), "embedding": sorted(self.embedding), "output": self.output,
+                "experts": list(self.experts)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelModules":
+        return cls(frozenset(data["linear"]), frozenset(data["embedding"]), data["output"], tuple(data["experts"]))
+
+
+def indexed_modules(entry: dict) -> ModelModules | None:
+    """The module layout the index stage recorded, so that extraction (rerun for every rank of a sweep) never
+    imports transformers' model code nor builds the model: ~3 s of start-up."""
+    if "modules" not in entry:
+        raise WeightdiffError(f"the index of {entry.get('path')} has no module layout (written by an older "
+                              "weightdiff): rerun the index stage")
+    return None if entry["modules"] is None else ModelModules.from_json(entry["modules"])
 
 
 def model_modules(config: dict) -> ModelModules | None:
