@@ -202,7 +202,7 @@ def test_experts_at_several_ranks_pad_to_one_r_in_the_layout_peft_applies(cfg):
                                              "alpha": 6, "dtype": "fp32", "device": "cpu"})
     opts = resolved_options(settings, 10**6)
     unit = Unit("experts", param, (param,))
-    (report,), factors = decompose_experts(unit, [Delta(param, dw)], opts, {param: {"dtype": "F32"}}, seed=0)
+    (report,), factors = decompose_experts(unit, [Delta(param, dw, dw.norm().item())], opts, {param: {"dtype": "F32"}}, seed=0)
     assert report["experts"]["rank"] == [1, 2, 3, 0] and report["rank"] == 3 and report["shape"] == [E, out, inp]
     assert report["experts"]["energy"][3] == 1.0 and max(report["experts"]["rel_error"]) < 1e-5
     lora_A, lora_B = factors[parameter_key(param, "lora_A")], factors[parameter_key(param, "lora_B")]

@@ -33,7 +33,9 @@ def test_deltas_are_exact_in_reused_workspaces(pair, prefetch):
     for unit, ds in zip(units, deltas(units, TensorReader(root / "a"), TensorReader(root / "b"), prefetch=prefetch)):
         for name, d in zip(unit.tensors, ds):
             assert d.name == name and d.value.dtype == torch.float32
-            assert torch.equal(d.value, b[name].float() - a[name].float()), name
+            exact = b[name].float() - a[name].float()
+            assert torch.equal(d.value, exact), name
+            assert abs(d.norm - exact.double().norm().item()) <= 1e-6 * d.norm
         seen.append(unit)
     assert seen == units
 

@@ -29,7 +29,7 @@ from weightdiff.errors import WeightdiffError
 from weightdiff.experts import (adapted_ranks, decompose_experts, exact_target_modules, linears_as_parameters,
                                 parameter_paths, peft_keys, target_parameters_field)
 from weightdiff.files import write_atomic
-from weightdiff.lowrank import ZERO_DELTA, Truncated, frobenius_norm, lora_factors, residual_norm, truncated_svd
+from weightdiff.lowrank import ZERO_DELTA, Truncated, lora_factors, residual_norm, truncated_svd
 from weightdiff.plan import Unit, indexed_modules, units
 from weightdiff.rank import auto_rank, chosen_rank, energy_rank, noise_floor, sketch_rank
 from weightdiff.resume import Checkpoint, checkpoint_key
@@ -92,15 +92,15 @@ def keep(t: Truncated, rank: int) -> Truncated:
     return Truncated(t.U[:, :rank].cpu(), t.S[:rank].cpu(), t.Vh[:rank].cpu())
 
 
-def stats(delta: Delta, norm: float) -> dict:
-    return {"name": delta.name, "shape": list(delta.value.shape), "delta_norm": norm}
+def stats(delta: Delta) -> dict:
+    return {"name": delta.name, "shape": list(delta.value.shape), "delta_norm": delta.norm}
 
 
 def decompose_linear(unit: Unit, ds: list[Delta], opts: Options, storage_dtype: str) -> tuple[list[dict], dict]:
     """LoRA factors with scaling·B·A = the kept part of the SVD of ΔW (and lora_B.bias = Δb / scaling)."""
     weight, bias = ds[0], (ds[1] if len(ds) > 1 else None)
-    dw, norm = weight.value, frobenius_norm(weight.value)
-    report = stats(weight, norm)
+    dw, norm = weight.value, weight.norm
+    report = stats(weight)
     if norm == 0.0 and (bias is None or not bias.value.any()):
         return [report | ZERO_DELTA], {}
     cap = min(sketch_rank(opts.policy, opts.rank, opts.max_rank), *dw.shape)
@@ -124,35 +124,35 @@ def decompose_linear(unit: Unit, ds: list[Delta], opts: Options, storage_dtype: 
                "singular_values": t.S.tolist()}
     if opts.policy == "noise_floor":
         report["noise_floor"] = floor
-    reports = [report] + ([stats(bias, frobenius_norm(bias.value)) | {"status": "lora_bias"}] if bias else [])
+    reports = [report] + ([stats(bias) | {"status": "lora_bias"}] if bias else [])
     return reports, factors
 
 
 def decompose_embedding(unit: Unit, ds: list[Delta], opts: Options) -> tuple[list[dict], dict]:
     """PEFT's Embedding LoRA adds scaling·(B·A)ᵀ to the [vocab, dim] table: A = √Σ·Uᵀ [r, vocab], B = V·√Σ [dim, r]."""
     (d,) = ds
-    norm = frobenius_norm(d.value)
+    norm = d.norm
     if norm == 0.0:
-        return [stats(d, norm) | ZERO_DELTA], {}
+        return [stats(d) | ZERO_DELTA], {}
     t = keep(spectrum(d.value, min(opts.rank, *d.value.shape), d.name, opts), min(opts.rank, *d.value.shape))
     scaling = opts.scaling(len(t.S))
     B_t, A_t = lora_factors(Truncated(t.Vh.T, t.S, t.U.T), scaling)  # the SVD of ΔWᵀ
     factors = {f"{PREFIX}{unit.module}.lora_embedding_A": A_t.to(opts.dtype).contiguous(),
                f"{PREFIX}{unit.module}.lora_embedding_B": B_t.to(opts.dtype).contiguous()}
     rel_error = residual_norm(d.value.T, B_t, A_t, scaling) / norm
-    return [stats(d, norm) | {"status": "extracted", "rank": len(t.S), "energy": t.S.square().sum().item() / norm**2,
+    return [stats(d) | {"status": "extracted", "rank": len(t.S), "energy": t.S.square().sum().item() / norm**2,
                               "rel_error": rel_error, "singular_values": t.S.tolist()}], factors
 
 
 def whole_module(unit: Unit, ds: list[Delta]) -> tuple[list[dict], dict]:
     """modules_to_save: B's own weights, stored under the module path, replace A's module entirely."""
     factors = {f"{PREFIX}{d.name}": d.b.contiguous() for d in ds}
-    return [stats(d, frobenius_norm(d.value)) | {"status": "saved", "bytes": d.b.numel() * d.b.element_size()}
+    return [stats(d) | {"status": "saved", "bytes": d.b.numel() * d.b.element_size()}
             for d in ds], factors
 
 
 def measured(ds: list[Delta]) -> list[dict]:
-    return [stats(d, frobenius_norm(d.value)) | {"status": "skipped"} for d in ds]
+    return [stats(d) | {"status": "skipped"} for d in ds]
 
 
 def decompose(unit: Unit, ds: list[Delta], opts: Options, tensors: dict) -> tuple[list[dict], dict]:
@@ -199,11 +199,12 @@ def sampled_exact_check(ds: list[Delta], report: dict, opts: Options) -> None:
     report["energy_exact"] = S[: report["rank"]].square().sum().item() / report["delta_norm"] ** 2
 
 
-def rank_needed(dw: torch.Tensor, target: float, name: str, opts: Options) -> int | None:
+def rank_needed(delta: Delta, target: float, opts: Options) -> int | None:
     """The rank the energy target would take for one delta (None: more than 1024), for the diagnosis."""
+    dw = delta.value
     cap = min(1024, *dw.shape)
-    t = truncated_svd(dw.to(opts.device), cap, "randomized", opts.svd.oversample, 2, tensor_seed(name, opts.svd.seed))
-    norm_sq = frobenius_norm(dw) ** 2
+    t = truncated_svd(dw.to(opts.device), cap, "randomized", opts.svd.oversample, 2, tensor_seed(delta.name, opts.svd.seed))
+    norm_sq = delta.norm ** 2
     r = energy_rank(t.S.cpu(), norm_sq, target)
     return None if r == cap and cap < min(dw.shape) and t.S.square().sum() < target * norm_sq else r
 
@@ -219,9 +220,8 @@ def diagnosis(reports: list[dict], opts: Options, target: float, readers, worst:
     worst_reports = sorted((r for r in extracted if r.get("unit") != "experts"), key=lambda r: r["energy"])[:worst]
     rows = []
     for r in worst_reports:
-        dw = pair_delta(r["name"], *readers).value
         rows.append({"name": r["name"], "energy": r["energy"], "rank": r["rank"],
-                     "rank_needed": rank_needed(dw, target, r["name"], opts)})
+                     "rank_needed": rank_needed(pair_delta(r["name"], *readers), target, opts)})
     for reader in readers:
         reader.unmap()
     shown = "; ".join(f"{w['name']}: energy {w['energy']:.3f} at rank {w['rank']}, needs "
