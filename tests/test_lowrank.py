@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from weightdiff.lowrank import lora_factors, truncated_svd
 
@@ -54,3 +55,55 @@ def test_frobenius_and_residual_norms_are_accurate_on_large_matrices():
     B, A = torch.randn(14336, 4, generator=g), torch.randn(4, 4096, generator=g)
     expected = (M.double() - 0.5 * B.double() @ A.double()).norm().item()
     assert abs(residual_norm(M, B, A, 0.5) - expected) / expected < 1e-6
+
+
+def with_spectrum(S: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    U, V = (torch.linalg.qr(torch.randn(len(S), len(S), generator=g)).Q for _ in range(2))
+    return (U * S) @ V.T
+
+
+def energy_gap(M: torch.Tensor, S_exact: torch.Tensor, rank: int, **svd) -> float:
+    S = truncated_svd(M, rank, seed=0, **svd).S
+    return ((S_exact[:rank].square().sum() - S.square().sum()) / S_exact.square().sum()).item()
+
+
+class CountedPasses(TorchFunctionMode):
+    """Counts products with a matrix of the given shape or its transpose: the passes over ΔW."""
+
+    def __init__(self, shape: tuple[int, int]):
+        super().__init__()
+        self.shapes, self.count = (shape, shape[::-1]), 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in ("matmul", "__matmul__") and tuple(args[0].shape) in self.shapes:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def passes_of(M: torch.Tensor, rank: int, power_iters) -> tuple[int, torch.Tensor]:
+    with CountedPasses(tuple(M.shape)) as counted:
+        S = truncated_svd(M, rank, power_iters=power_iters).S
+    return counted.count, S
+
+
+def test_fixed_power_iterations_make_two_passes_each():
+    M = low_rank_plus_noise(120, 90, r=8, noise=1e-2)
+    assert [passes_of(M, 8, k)[0] for k in (0, 1, 3)] == [2, 4, 8]
+
+
+def test_auto_power_iterations_reach_the_exact_energy_where_one_iteration_does_not():
+    """A full fine-tune's spectrum decays slowly (σ_i ∝ i^-1/2): one power iteration leaves ~1e-2 of the energy."""
+    S = torch.arange(1, 769.0) ** -0.5
+    M = with_spectrum(S)
+    assert energy_gap(M, S, 16, power_iters=1) > 3e-3
+    assert energy_gap(M, S, 16, power_iters="auto") < 1e-3
+    assert passes_of(M, 16, "auto")[0] > 4
+
+
+def test_auto_power_iterations_cost_at_most_one_iteration_on_a_merged_lora():
+    """A rank-16 delta plus rounding noise converges within 4 passes, and auto stops there."""
+    M = low_rank_plus_noise(300, 200, r=16, noise=1e-3)
+    (passes, auto), (_, one) = passes_of(M, 16, "auto"), passes_of(M, 16, 1)
+    assert passes <= 4
+    torch.testing.assert_close(auto, one, rtol=1e-5, atol=0)

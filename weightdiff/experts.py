@@ -21,7 +21,7 @@ import torch
 
 from weightdiff.adapter import PREFIX
 from weightdiff.errors import WeightdiffError
-from weightdiff.lowrank import ZERO_DELTA, Truncated, lora_factors, truncated_svd
+from weightdiff.lowrank import ZERO_DELTA, Truncated, lora_factors
 from weightdiff.plan import Unit
 from weightdiff.rank import chosen_rank, noise_floor, sketch_rank
 from weightdiff.stream import Delta
@@ -108,8 +108,7 @@ def decompose_experts(unit: Unit, ds: list[Delta], opts: Options, tensors: dict[
                  "singular_values": [[] for _ in range(E)]}
         return [report | ZERO_DELTA | {"experts": zeros}], {}
     cap = min(sketch_rank(opts.policy, opts.rank, opts.max_rank), m, n)
-    svd = opts.svd
-    full = truncated_svd(dw.to(opts.device), cap, svd.method, svd.oversample, svd.power_iters, seed)
+    full = opts.svd_of(dw, cap, seed)
     S = full.S.cpu()
     floor = 0.0
     if opts.policy == "noise_floor":

@@ -56,6 +56,10 @@ class Options:
     def scaling(self, rank: int) -> float:
         return 1.0 if self.alpha is None else self.alpha / rank
 
+    def svd_of(self, M: torch.Tensor, rank: int, seed: int) -> Truncated:
+        s = self.svd
+        return truncated_svd(M.to(self.device), rank, s.method, s.oversample, s.power_iters, seed, s.tol)
+
 
 def resolved_options(settings: DictConfig, parameters: int) -> Options:
     if settings.dtype not in DTYPES:
@@ -72,6 +76,13 @@ def resolved_options(settings: DictConfig, parameters: int) -> Options:
     policy = settings.get("rank_policy", "fixed")
     max_rank = int(settings.get("max_rank", rank))
     sketch_rank(policy, rank, max_rank)  # validates the policy name
+    svd = settings.svd
+    if svd.method not in ("randomized", "exact"):
+        raise WeightdiffError(f"extract.svd.method must be randomized or exact, not {svd.method!r}")
+    if svd.power_iters != "auto" and not (isinstance(svd.power_iters, int) and svd.power_iters >= 0):
+        raise WeightdiffError(f"extract.svd.power_iters must be auto or a count >= 0, not {svd.power_iters!r}")
+    if not (isinstance(svd.get("tol"), (int, float)) and 0 < svd.tol < 1):
+        raise WeightdiffError(f"extract.svd.tol must be a number in (0, 1), not {svd.get('tol')!r}")
     return Options(rank=rank, policy=policy, energy=float(settings.get("energy", 0.9)), max_rank=max_rank,
                    alpha=None if settings.alpha is None else float(settings.alpha), dtype=DTYPES[settings.dtype],
                    device=torch.device(device), svd=settings.svd,
@@ -84,8 +95,7 @@ def tensor_seed(name: str, seed: int) -> int:
 
 
 def spectrum(dw: torch.Tensor, rank: int, name: str, opts: Options) -> Truncated:
-    svd = opts.svd
-    return truncated_svd(dw.to(opts.device), rank, svd.method, svd.oversample, svd.power_iters, tensor_seed(name, svd.seed))
+    return opts.svd_of(dw, rank, tensor_seed(name, opts.svd.seed))
 
 
 def keep(t: Truncated, rank: int) -> Truncated:
