@@ -1,13 +1,15 @@
 """Extraction against the cost of reading: a synthetic pair at real shapes, timed on this machine.
 
-    python benchmarks/extract_bench.py --shape llama3-8b --layers 2
-    python benchmarks/extract_bench.py --shape llama3-8b --layers 4 --delta full --power-iters 0 1 2
+    python benchmarks/extract_bench.py --shape llama3-8b --layers 2 --cold
+    python benchmarks/extract_bench.py --shape llama3-8b --layers 4 --delta decaying --power-iters 1 2 auto
 
-B = A + a rank-16 delta (`--delta lora`: what merged LoRA fine-tunes give) or a dense one (`--delta full`:
-a full fine-tune), both saved in bf16 and sharded one layer per shard with an index file. Prints the
-extraction wall time, the read floor (reading the same target tensors of both models through
-safetensors, warm page cache), their ratio, the peak RSS of the extracting process against the
-largest target tensor pair in fp32, and per sampled tensor the energy kept against the exact SVD's.
+B = A + a rank-16 delta (`--delta lora`: what merged LoRA fine-tunes give), a dense one with a slowly
+decaying spectrum (`--delta decaying`: a full fine-tune) or white noise (`--delta full`), both saved in bf16
+and sharded one layer per shard with an index file. Prints the extraction wall time, the read floor
+(reading the same target tensors of both models through safetensors, warm page cache; with --cold also
+from disk, the shards dropped from the page cache first), their ratio, the peak RSS of the extracting
+process against the largest target tensor pair in fp32, and per sampled tensor the energy kept against the
+exact SVD's.
 """
 from __future__ import annotations
 
@@ -64,9 +66,7 @@ def write_pair(root: Path, shape: str, layers: int, delta: str, seed: int = 0) -
             w = torch.randn(s, generator=g) * 0.02
             a[name] = w.bfloat16()
             if len(s) == 2 and "layers" in name:
-                dw = (torch.randn(s[0], 16, generator=g) @ torch.randn(16, s[1], generator=g) * 1e-3 if delta == "lora"
-                      else torch.randn(s, generator=g) * 2e-3)
-                w = w + dw
+                w = w + synthetic_delta(s, delta, g)
             b[name] = w.bfloat16()
         save_file(a, dirs[0] / shard, metadata={"format": "pt"})
         save_file(b, dirs[1] / shard, metadata={"format": "pt"})
@@ -74,6 +74,30 @@ def write_pair(root: Path, shape: str, layers: int, delta: str, seed: int = 0) -
     for d in dirs:
         (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return *dirs, config
+
+
+def synthetic_delta(shape: tuple[int, int], kind: str, g: torch.Generator) -> torch.Tensor:
+    """lora: rank 16; full: white noise (flat spectrum); decaying: noise scaled by i^-1/4 along rows and
+    columns, whose spectrum decays slowly, as a full fine-tune's does (rank 16 keeps ~10% of its energy)."""
+    m, n = shape
+    if kind == "lora":
+        return torch.randn(m, 16, generator=g) @ torch.randn(16, n, generator=g) * 1e-3
+    noise = torch.randn(shape, generator=g) * 2e-3
+    if kind == "full":
+        return noise
+    rows, cols = (torch.arange(1, k + 1.0) ** -0.25 for k in (m, n))
+    return noise * (rows / rows.square().mean().sqrt())[:, None] * (cols / cols.square().mean().sqrt())
+
+
+def drop_from_page_cache(dirs: tuple[Path, Path]) -> None:
+    """The shards' pages leave the page cache (POSIX_FADV_DONTNEED), so the next read comes from the disk."""
+    for d in dirs:
+        for shard in d.glob("*.safetensors"):
+            fd = os.open(shard, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def read_floor(dirs: tuple[Path, Path], names: list[str], weight_map: dict[str, str]) -> float:
@@ -109,8 +133,9 @@ def main() -> None:
     p.add_argument("--shape", choices=SHAPES, default="llama3-8b")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--delta", choices=("lora", "full"), default="lora")
-    p.add_argument("--power-iters", type=int, nargs="+", default=[1])
+    p.add_argument("--delta", choices=("lora", "decaying", "full"), default="lora")
+    p.add_argument("--power-iters", type=lambda v: v if v == "auto" else int(v), nargs="+", default=["auto"])
+    p.add_argument("--cold", action="store_true", help="also time the read and the extraction from disk")
     p.add_argument("--oversample", type=int, default=10)
     p.add_argument("--sample", type=int, default=3, help="tensors compared with the exact SVD")
     p.add_argument("--workdir", type=Path, default=None)
@@ -137,6 +162,10 @@ def main() -> None:
     floor = min(read_floor((dir_a, dir_b), targets, weight_map) for _ in range(2))
     read_bytes = sum(2 * 2 * math.prod(tensors[n]["shape"]) for n in targets)
     print(f"read floor: {floor:.2f} s for {read_bytes / 2**30:.2f} GiB of target tensors ({read_bytes / floor / 2**30:.1f} GiB/s)")
+    if args.cold:
+        drop_from_page_cache((dir_a, dir_b))
+        cold_floor = read_floor((dir_a, dir_b), targets, weight_map)
+        print(f"cold read floor: {cold_floor:.2f} s ({read_bytes / cold_floor / 2**30:.2f} GiB/s)")
 
     base = OmegaConf.to_container(run_config(params=ROOT / "params.yaml").extract, resolve=True)
     files = {}
@@ -149,20 +178,30 @@ def main() -> None:
                            "svd": base["svd"] | {"power_iters": iters, "oversample": args.oversample, "check_samples": 0}}
         files["settings"] = work / "settings.json"
         files["settings"].write_text(json.dumps(settings))
-        out = subprocess.run([sys.executable, "-c", CHILD, *(str(files[n]) for n in ("manifest", "index", "settings")),
-                              str(work / "adapter"), str(work / "ckpt")], capture_output=True, text=True,
-                             env=os.environ | {"PYTHONPATH": str(ROOT)})
-        if out.returncode:
-            sys.exit(out.stderr)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"\nrank {args.rank}, oversample {args.oversample}, power iterations {iters}:")
-        print(f"  extract: {r['seconds']:.2f} s = {r['seconds'] / floor:.2f} x the read floor")
-        print(f"  peak RSS: {r['rss_peak'] / 2**30:.2f} GiB ({(r['rss_peak'] - r['rss_start']) / 2**30:.2f} GiB above the "
-              f"{r['rss_start'] / 2**30:.2f} GiB of the started process) = {r['rss_peak'] / largest_pair:.2f} x "
-              f"(above start: {(r['rss_peak'] - r['rss_start']) / largest_pair:.2f} x) the largest target pair in fp32 "
-              f"({largest_pair / 2**30:.2f} GiB)")
+        for cache in ("warm", "cold") if args.cold else ("warm",):
+            if cache == "cold":
+                drop_from_page_cache((dir_a, dir_b))
+            else:
+                read_floor((dir_a, dir_b), targets, weight_map)
+            r = run_extraction(files, work)
+            against = floor if cache == "warm" else cold_floor
+            print(f"\nrank {args.rank}, oversample {args.oversample}, power iterations {iters}, {cache} cache:")
+            print(f"  extract: {r['seconds']:.2f} s = {r['seconds'] / against:.2f} x the {cache} read floor")
+            print(f"  peak RSS: {r['rss_peak'] / 2**30:.2f} GiB ({(r['rss_peak'] - r['rss_start']) / 2**30:.2f} GiB above the "
+                  f"{r['rss_start'] / 2**30:.2f} GiB of the started process) = {r['rss_peak'] / largest_pair:.2f} x "
+                  f"(above start: {(r['rss_peak'] - r['rss_start']) / largest_pair:.2f} x) the largest target pair in fp32 "
+                  f"({largest_pair / 2**30:.2f} GiB)")
         for name, e in exact.items():
             print(f"  {name}: energy {r['energies'][name]:.6f}, exact {e:.6f}, gap {e - r['energies'][name]:+.2e}")
+
+
+def run_extraction(files: dict[str, Path], work: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, *(str(files[n]) for n in ("manifest", "index", "settings")),
+                          str(work / "adapter"), str(work / "ckpt")], capture_output=True, text=True,
+                         env=os.environ | {"PYTHONPATH": str(ROOT)})
+    if out.returncode:
+        sys.exit(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def exact_energies(names: list[str], dir_a: Path, dir_b: Path, weight_map: dict, rank: int) -> dict[str, float]:
