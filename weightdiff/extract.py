@@ -278,7 +278,8 @@ def extract(index: dict, manifest: dict, settings: DictConfig, adapter_dir: Path
             todo.append(i)
         else:
             results[i] = done
-    check_every = max(1, math.ceil(sum(plan[i].kind == "linear" for i in todo) / max(opts.svd.get("check_samples", 0), 1)))
+    samples = opts.svd.get("check_samples", 0) if opts.svd.method != "exact" else 0
+    check_every = max(1, math.ceil(sum(plan[i].kind == "linear" for i in todo) / max(samples, 1)))
     readers = (TensorReader(Path(manifest["model_a"]["path"])), TensorReader(Path(manifest["model_b"]["path"])))
     stream = deltas([plan[i] for i in todo], *readers, prefetch=int(settings.get("prefetch", 1)),
                     rms=opts.policy == "noise_floor")
@@ -288,7 +289,7 @@ def extract(index: dict, manifest: dict, settings: DictConfig, adapter_dir: Path
             unit = plan[i]
             reports, factors = decompose(unit, ds, opts, tensors)
             if unit.kind == "linear" and reports[0]["status"] == "extracted":
-                if opts.svd.get("check_samples", 0) and linear_seen % check_every == 0 and opts.svd.method != "exact":
+                if samples and linear_seen % check_every == 0:
                     sampled_exact_check(ds, reports[0], opts)
                 linear_seen += 1
             for r in reports:
