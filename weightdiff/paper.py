@@ -98,7 +98,9 @@ def svd_line(params: dict) -> str:
     """The SVD method as configured, with the randomized method's settings and reference."""
     svd = params["extract"].get("svd") or {}
     if svd.get("method") == "randomized":
-        return f"randomized [3] (oversampling {svd.get('oversample')}, {svd.get('power_iters')} power iterations)"
+        iters = (f"power iterations until one adds less than {svd.get('tol')} of the kept energy"
+                 if svd.get("power_iters") == "auto" else f"{svd.get('power_iters')} power iterations")
+        return f"randomized [3] (oversampling ≥ {svd.get('oversample')}, {iters})"
     return svd.get("method", "not recorded in the parameters")
 
 
