@@ -3,7 +3,7 @@ from pathlib import Path
 
 from weightdiff.cli import run_stage
 from weightdiff.extract import energy_curve, extract
-from weightdiff.files import read_json, require_writable, write_atomic, write_json
+from weightdiff.files import read_json, require_writable, write_csv, write_json
 
 
 def main(cfg) -> None:
@@ -14,8 +14,7 @@ def main(cfg) -> None:
                                Path(cfg.paths.adapter), Path(cfg.paths.checkpoints))
     write_json(Path(cfg.paths.tensors), {"rank": metrics["rank"], "alpha": metrics["alpha"],
                                          "dtype": cfg.extract.dtype, "tensors": reports})
-    curve = "rank,energy\n" + "".join(f"{k},{e:.8f}\n" for k, e in energy_curve(reports, metrics["rank_max"]))
-    write_atomic(Path(cfg.paths.energy_curve), curve.encode())
+    write_csv(Path(cfg.paths.energy_curve), [{"rank": k, "energy": e} for k, e in energy_curve(reports, metrics["rank_max"])])
     write_json(Path(cfg.paths.extract_metrics), metrics)
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from weightdiff.cli import run_stage
-from weightdiff.files import read_json
+from weightdiff.files import read_csv, read_json
 from weightdiff.paper import write_paper
 
 
@@ -12,7 +12,7 @@ def main(cfg) -> None:
     p = cfg.paths
     run = {"manifest": read_json(p.manifest), "extract": read_json(p.extract_metrics), "tensors": read_json(p.tensors),
            "validate": read_json(p.validate_metrics), "gguf": read_json(p.gguf_metrics),
-           "params": OmegaConf.to_container(cfg, resolve=True)}
+           "params": OmegaConf.to_container(cfg, resolve=True), "layers": read_csv(p.layer_divergence)}
     write_paper(run, Path(p.figures), Path(p.paper))
 
 

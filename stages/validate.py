@@ -1,13 +1,18 @@
-"""Stage 5: KL(B ‖ A+adapter) and KL(B ‖ A) per token, top-1 agreement, with the adapter loaded by PEFT."""
+"""Stage 5: KL(B ‖ A+adapter) and KL(B ‖ A) per token on real text, top-1 agreement, per-layer divergence, with
+the adapter loaded by PEFT and both models run a decoder layer at a time."""
 from pathlib import Path
 
 from weightdiff.cli import run_stage
-from weightdiff.files import read_json, write_json
+from weightdiff.files import read_json, require_writable, write_csv, write_json
 from weightdiff.validate import validate
 
 
 def main(cfg) -> None:
-    write_json(Path(cfg.paths.validate_metrics), validate(read_json(cfg.paths.manifest), Path(cfg.paths.adapter), cfg.validate))
+    for output in (cfg.paths.validate_metrics, cfg.paths.layer_divergence):
+        require_writable(Path(output).parent)
+    metrics, layers = validate(read_json(cfg.paths.index), Path(cfg.paths.adapter), cfg.validate)
+    write_csv(Path(cfg.paths.layer_divergence), layers)
+    write_json(Path(cfg.paths.validate_metrics), metrics)
 
 
 if __name__ == "__main__":

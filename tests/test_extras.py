@@ -10,11 +10,10 @@ import torch
 from omegaconf import OmegaConf
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from conftest import local_manifest
+from conftest import local_manifest, validated
 from weightdiff.errors import WeightdiffError
 from weightdiff.extract import extract
 from weightdiff.index import build_index
-from weightdiff.validate import validate
 
 
 def low_rank(shape, rank: int, g: torch.Generator, scale: float = 0.05) -> torch.Tensor:
@@ -50,7 +49,7 @@ def run(pair, tmp_path, cfg, **extras):
     manifest = local_manifest(*pair)
     settings = OmegaConf.merge(cfg.extract, {"rank": 8, "dtype": "fp32", "extras": extras})
     metrics, reports = extract(build_index(manifest), manifest, settings, tmp_path / "adapter", tmp_path / "ckpt")
-    return manifest, metrics, reports, validate(manifest, tmp_path / "adapter", cfg.validate)
+    return manifest, metrics, reports, validated(manifest, tmp_path / "adapter", cfg.validate)
 
 
 def test_all_extras_applied_reproduce_b(pair_with_extras, tmp_path, cfg):

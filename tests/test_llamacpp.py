@@ -28,12 +28,12 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
 import tiny_moe
-from conftest import local_manifest
+from conftest import kl_per_token, local_manifest, top1_agreement, validated
 from test_roundtrip import run_extract
 from weightdiff.errors import WeightdiffError
 from weightdiff.gguf_export import write_lora_gguf
 from weightdiff.llamacpp import load_with_adapter
-from weightdiff.validate import fixed_batch, kl_per_token, load_model, top1_agreement, validate
+from weightdiff.evalset import seeded_batch
 
 pytestmark = pytest.mark.llamacpp
 
@@ -118,14 +118,14 @@ def gguf_of(model_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def tokenizer_model(cfg: DictConfig) -> bytes:
     """A SentencePiece model with exactly the tiny models' vocabulary size: llama.cpp's converter needs one."""
-    assert tiny_moe.CONFIG["vocab_size"] == cfg.demo.vocab_size
+    assert tiny_moe.CONFIG["vocab_size"] == cfg.demo.tiny.vocab_size
     syllables = [c + v for c in "bcdfghklmnprstvz" for v in "aeiou"]
     generator = torch.Generator().manual_seed(0)
     picks = torch.randint(0, len(syllables), (3000, 12, 3), generator=generator).tolist()
     lines = [" ".join("".join(syllables[i] for i in word) for word in line) for line in picks]
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
-                                             vocab_size=cfg.demo.vocab_size, model_type="bpe", minloglevel=2)
+                                             vocab_size=cfg.demo.tiny.vocab_size, model_type="bpe", minloglevel=2)
     return model.getvalue()
 
 
@@ -194,6 +194,12 @@ def assert_reproduces_tuned(result: dict[str, float]) -> None:
     assert result["kl_base"] > 100 * result["kl_adapted"], result  # base alone is measurably off
 
 
+def validation_ids(cfg: DictConfig) -> torch.Tensor:
+    """The token ids validate measures the tokenizer-less tiny models on."""
+    v = cfg.validate
+    return seeded_batch(cfg.demo.tiny.vocab_size, v.batch_size, v.seq_len, v.seed)
+
+
 def base_config(models: dict[str, Path]) -> dict:
     return json.loads((models["a"] / "config.json").read_text())
 
@@ -201,7 +207,7 @@ def base_config(models: dict[str, Path]) -> dict:
 def test_extracted_llama_adapter_reproduces_tuned_in_llama_cpp(llama_models, tmp_path, cfg) -> None:
     run_extract(llama_models["a"], llama_models["b"], tmp_path / "adapter", cfg, rank=16)
     write_lora_gguf(tmp_path / "adapter", base_config(llama_models), tmp_path / "adapter.gguf")
-    tokens = fixed_batch(load_model(str(llama_models["b"]), "cpu"), cfg.validate)
+    tokens = validation_ids(cfg)
 
     assert_reproduces_tuned(llama_cpp_agreement(llama_models, tmp_path / "adapter.gguf", tokens))
 
@@ -238,9 +244,9 @@ def test_rank_and_alpha_patterns_are_applied_per_module_in_llama_cpp(llama_model
     adapter = with_alpha_pattern(tmp_path / "extracted", tmp_path / "adapter")
     ranks = {t.shape[0] for key, t in load_file(adapter / "adapter_model.safetensors").items() if "lora_A" in key}
     assert ranks == {32, 48}
-    assert validate(local_manifest(llama_models["a"], llama_models["b"]), adapter, cfg.validate)["kl_adapted"] <= 1e-4
+    assert validated(local_manifest(llama_models["a"], llama_models["b"]), adapter, cfg.validate)["kl_adapted"] <= 1e-4
     write_lora_gguf(adapter, base_config(llama_models), tmp_path / "adapter.gguf")
-    tokens = fixed_batch(load_model(str(llama_models["b"]), "cpu"), cfg.validate)
+    tokens = validation_ids(cfg)
 
     assert_reproduces_tuned(llama_cpp_agreement(llama_models, tmp_path / "adapter.gguf", tokens))
 
@@ -259,7 +265,7 @@ def test_peft_moe_expert_adapter_reproduces_tuned_in_llama_cpp(moe_models, tmp_p
     write_lora_gguf(moe_models["adapter"], base_config(moe_models), tmp_path / "moe.gguf")
     attention_only = without_experts(moe_models["adapter"], tmp_path / "attention_only")
     write_lora_gguf(attention_only, base_config(moe_models), tmp_path / "attention_only.gguf")
-    tokens = fixed_batch(load_model(str(moe_models["b"]), "cpu"), cfg.validate)
+    tokens = validation_ids(cfg)
 
     result = llama_cpp_agreement(moe_models, tmp_path / "moe.gguf", tokens)
     assert_reproduces_tuned(result)

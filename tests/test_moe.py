@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
 
 import tiny_moe
-from conftest import REPO, local_manifest
+from conftest import REPO, local_manifest, validated
 from test_roundtrip import edited_copy, run_extract
 from weightdiff.config import composed_conf
 from weightdiff.errors import WeightdiffError
@@ -31,7 +31,6 @@ from weightdiff.index import build_index
 from weightdiff.lowrank import truncated_svd
 from weightdiff.plan import Unit, indexed_modules, units
 from weightdiff.stream import Delta
-from weightdiff.validate import validate
 
 # 3 Gated DeltaNet layers, then full attention (q_proj 2×4×16 rows: query and output gate); 4 experts of 48.
 QWEN3_5 = dict(vocab_size=256, hidden_size=64, moe_intermediate_size=48, shared_expert_intermediate_size=40,
@@ -140,10 +139,10 @@ def test_every_expert_is_extracted_and_peft_on_a_reproduces_b(request, pair, tmp
 
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*missing adapter keys.*")
-        result = validate(manifest, tmp_path / "adapter", cfg.validate)  # raises on any key PEFT would not load
-    assert result["kl_adapted"] <= 1e-4 and result["top1_adapted"] == 1.0
+        result = validated(manifest, tmp_path / "adapter", cfg.validate)  # raises on any key PEFT would not load
+    assert result["kl_adapted"] <= 1e-4 and result["top1_adapted_confident"] == 1.0
     assert result["kl_base"] > 1000 * result["kl_adapted"]
-    partial = validate(manifest, without_experts(tmp_path / "adapter", tmp_path / "no_experts"), cfg.validate)
+    partial = validated(manifest, without_experts(tmp_path / "adapter", tmp_path / "no_experts"), cfg.validate)
     assert partial["kl_adapted"] > 100 * max(result["kl_adapted"], 1e-6)  # the experts' factors are applied
 
 
@@ -157,7 +156,7 @@ def test_a_zero_delta_module_stays_unwrapped_on_qwen3_moe(qwen3_moe_pair, tmp_pa
                                        tmp_path / "adapter", cfg, rank=8)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert metrics["tensors_zero"] == 1 and "model.layers.0.self_attn.v_proj" in config["target_modules"]
-    assert validate(manifest, tmp_path / "adapter", cfg.validate)["kl_adapted"] <= 1e-4  # raises on a missing key
+    assert validated(manifest, tmp_path / "adapter", cfg.validate)["kl_adapted"] <= 1e-4  # raises on a missing key
 
 
 def per_expert_keys(factors: dict[str, torch.Tensor], experts: int) -> dict[str, torch.Tensor]:
@@ -188,7 +187,7 @@ def test_validate_fails_on_per_expert_keys_peft_ignores(qwen3_5_moe_pair, tmp_pa
     config["target_modules"] += ["gate_proj", "up_proj", "down_proj"]
     config_path.write_text(json.dumps(config))
     with pytest.raises(WeightdiffError, match=r"0 missing keys .*96 unexpected keys .*experts\.0\.down_proj"):
-        validate(manifest, tmp_path / "adapter", cfg.validate)
+        validated(manifest, tmp_path / "adapter", cfg.validate)
 
 
 def test_experts_at_several_ranks_pad_to_one_r_in_the_layout_peft_applies(cfg):

@@ -95,13 +95,20 @@ class TensorReader:
         self._open.clear()
 
     def get(self, name: str) -> torch.Tensor:
+        return self._read(name, lambda f: f.get_tensor(name))
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start…stop of a tensor, read alone: a slice of a 2 GB embedding costs only that slice."""
+        return self._read(name, lambda f: f.get_slice(name)[start:stop])
+
+    def _read(self, name: str, read) -> torch.Tensor:
         if name not in self.shards:
             raise WeightdiffError(f"tensor {name} is not in {self.model_dir}")
         shard = self.shards[name]
         if shard not in self._open:
             self._open[shard] = _open(self.model_dir / shard)
         try:
-            return self._open[shard].get_tensor(name)
+            return read(self._open[shard])
         except Exception as e:  # safetensors raises its own error types and OSError for truncated data
             raise WeightdiffError(f"{self.model_dir / shard}: cannot read tensor {name}: {e}") from e
 

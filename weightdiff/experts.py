@@ -22,7 +22,7 @@ import torch
 from weightdiff.adapter import PREFIX
 from weightdiff.errors import WeightdiffError
 from weightdiff.lowrank import ZERO_DELTA, Truncated, lora_factors
-from weightdiff.plan import Unit
+from weightdiff.plan import Unit, fuse_experts, parameter_name
 from weightdiff.rank import chosen_rank, noise_floor, sketch_rank
 from weightdiff.stream import Delta
 
@@ -38,21 +38,11 @@ PEFT_REMAPPED = frozenset({"gate", "gate_proj", "up_proj", "down_proj", "w1", "w
 
 
 def stacked_delta(unit: Unit, ds: list[Delta], tensors: dict[str, dict]) -> torch.Tensor:
-    """ΔW of all experts as the model holds them, [E, out, in].
-
-    A fused checkpoint tensor is that already; per-expert tensors come in the unit's order (by expert, then
-    part) and each expert's parts are concatenated along the rows, as transformers fuses them on load.
-    """
+    """ΔW of all experts as the model holds them, [E, out, in]: a fused checkpoint tensor is that already,
+    per-expert ones (in the unit's order: by expert, then part) are fused as transformers does on load."""
     if len(ds) == 1 and ds[0].value.ndim == 3:
         return ds[0].value
-    experts = [tensors[n]["expert"] for n in unit.tensors]
-    count = max(experts) + 1
-    parts = len(ds) // count
-    if experts != [e for e in range(count) for _ in range(parts)]:
-        missing = sorted(set(range(count)) - set(experts))
-        raise WeightdiffError(f"{unit.module}: the checkpoint has {len(ds)} expert tensors for {count} experts × "
-                              f"{parts} parts; experts {missing[:5]} or some of their parts are missing")
-    return torch.stack([torch.cat([d.value for d in ds[e * parts:(e + 1) * parts]]) for e in range(count)])
+    return fuse_experts(unit.module, [d.value for d in ds], [tensors[n]["expert"] for n in unit.tensors])
 
 
 def expert_ranks(S: torch.Tensor, norms: torch.Tensor, opts: Options, floor: float) -> torch.Tensor:
@@ -197,4 +187,4 @@ def exact_target_modules(field: list[str] | str, modules: list[str], tensors: di
 def parameter_paths(tensors: dict[str, dict]) -> list[str]:
     """Every parameter of the model as held in memory (fused experts once), which target_parameters entries
     are matched against."""
-    return sorted({t.get("param") or f"{t['module']}.{name.rpartition('.')[2]}" for name, t in tensors.items()})
+    return sorted({parameter_name(name, t) for name, t in tensors.items()})

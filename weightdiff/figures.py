@@ -24,21 +24,24 @@ from weightdiff.errors import WeightdiffError  # noqa: E402
 from weightdiff.files import atomic_path  # noqa: E402
 
 DPI = 150
-FIGURE_NAMES = ("delta_norms.png", "energy_vs_rank.png", "heatmap.png", "pipeline.png")
+FIGURE_NAMES = ("delta_norms.png", "energy_vs_rank.png", "heatmap.png", "layer_divergence.png", "pipeline.png")
 ZERO_COLOR = "#d62728"
 BLOCK_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BOX_W, BOX_H, GAP_X, GAP_Y = 2.2, 0.75, 0.35, 0.45  # pipeline boxes and the gaps between them, in inches
 NORM_LABEL = r"$\|\Delta W\|_F$"
 
 
-def write_figures(tensors: dict, energy_curve: list[tuple[int, float]], dvc_yaml: Path, out_dir: Path) -> list[Path]:
-    """Draws the four figures the paper links to, into out_dir; returns their paths in FIGURE_NAMES order."""
+def write_figures(tensors: dict, energy_curve: list[tuple[int, float]], divergence: list[dict], dvc_yaml: Path,
+                  out_dir: Path) -> list[Path]:
+    """Draws the figures the paper links to, into out_dir; returns their paths in FIGURE_NAMES order.
+    `divergence`: validate's per-layer rows (layer, rel_error_adapted, rel_error_base)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = decomposed(tensors)
     draw = {
         "delta_norms.png": lambda: delta_norms_figure(tensors),
         "energy_vs_rank.png": lambda: energy_figure(tensors, energy_curve),
         "heatmap.png": lambda: heatmap_figure(tensors),
+        "layer_divergence.png": lambda: divergence_figure(divergence),
         "pipeline.png": lambda: pipeline_figure(dvc_yaml),
     }
     return [save_png(draw[name](), out_dir / name) for name in FIGURE_NAMES]
@@ -164,6 +167,22 @@ def energy_figure(tensors: dict, energy_curve: list[tuple[int, float]]) -> Figur
     ax.set_xlim(min(ranks, default=0) - 0.5, max(ranks, default=chosen) + 0.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right", ncol=2)
+    return fig
+
+
+def divergence_figure(divergence: list[dict]) -> Figure:
+    """Relative error of the hidden state after each layer against B's: where along the depth A + adapter
+    loses B, next to how far A alone is from it."""
+    layers = [row["layer"] for row in divergence]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(layers, [row["rel_error_base"] for row in divergence], marker="o", color="gray", label="A alone")
+    ax.plot(layers, [row["rel_error_adapted"] for row in divergence], marker="o", color="black", label="A + adapter")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel(r"$\|h_{X} - h_B\|_F \,/\, \|h_B\|_F$")
+    ax.set_title("Divergence from B of the hidden state after each layer (validation batch)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     return fig
 
 

@@ -1,6 +1,7 @@
 """Writes that never leave a file looking complete when they were not: temp name in the same directory, then rename."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -71,5 +72,22 @@ def read_json(path: Path):
     """An upstream stage's output; a missing one means the stages ran out of order."""
     try:
         return json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise WeightdiffError(f"{path} not found: run the stage that writes it first (dvc repro does)") from e
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """A table with the first row's keys as header (DVC plots read it): numbers to 8 significant digits."""
+    columns = list(rows[0]) if rows else []
+    cell = lambda v: f"{v:.8g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [",".join(columns)] + [",".join(cell(row[c]) for c in columns) for row in rows]
+    write_atomic(path, ("\n".join(lines) + "\n").encode())
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a table write_csv wrote, numbers parsed (int where they are whole in the file, else float)."""
+    try:
+        with open(path, newline="") as f:
+            return [{k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     except FileNotFoundError as e:
         raise WeightdiffError(f"{path} not found: run the stage that writes it first (dvc repro does)") from e

@@ -28,6 +28,8 @@ FIGURE_CAPTIONS = {
                           "module kind; the dashed line marks the chosen rank.",
     "pipeline.png": "The DVC pipeline, drawn from dvc.yaml: an arrow X → Y means Y reads a file X writes.",
     "heatmap.png": "‖ΔW‖_F by layer and module kind; red hatching marks tensors identical in A and B.",
+    "layer_divergence.png": "Relative error ‖h − h_B‖_F / ‖h_B‖_F of the hidden state after each decoder layer "
+                            "against B's, for A alone (gray) and A + adapter (black), on the validation batch.",
 }
 SUPERSCRIPTS = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 FIGURE = re.compile(r"^!\[[^\]]*\]\(([^)]+)\)\n\n\*([^*\n]+)\*$", re.MULTILINE)  # image line, caption line
@@ -148,7 +150,7 @@ def paper_markdown(run: dict, figures_dir: Path, out_dir: Path) -> str:
     fig = {name: figure_block(i + 1, name, figures_dir, out_dir) for i, name in enumerate(FIGURE_CAPTIONS)}
     return "\n".join([
         title_section(run), abstract_section(run), INTRODUCTION, method_section(run),
-        experiments_section(run, fig), results_section(run), discussion_section(run),
+        experiments_section(run, fig), results_section(run, fig["layer_divergence.png"]), discussion_section(run),
         conclusion_section(run), REFERENCES,
     ])
 
@@ -340,7 +342,7 @@ def layer_subsection(tensors: dict, figure: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def results_section(run: dict) -> str:
+def results_section(run: dict, divergence_figure: str) -> str:
     e, v, g = run["extract"], run["validate"], run["gguf"]
     return f"""## 4. Results
 
@@ -358,7 +360,41 @@ def results_section(run: dict) -> str:
 |---|---|---|
 | KL(B ‖ ·), mean over tokens | {fmt_num(v['kl_base'])} | {fmt_num(v['kl_adapted'])} |
 | Top-1 agreement | {fmt_pct(v['top1_base'])} | {fmt_pct(v['top1_adapted'])} |
+
+{gap_sentence(v)}
+
+{divergence_figure}
+{divergence_sentence(run.get("layers") or [])}
 """
+
+
+def gap_sentence(v: dict) -> str:
+    """The share of B's lead over A that the adapter recovers, 1 − KL(B‖A+adapter) / KL(B‖A)."""
+    if v.get("gap_closed") is None:
+        return "A and B agree on the validation batch, so there is no gap for the adapter to close."
+    return f"The adapter closes {fmt_pct(v['gap_closed'])} of the KL gap between A and B " \
+           f"(gap closed = 1 − KL(B ‖ A + adapter) / KL(B ‖ A) = {fmt_num(v['gap_closed'])}), measured on " \
+           f"{v['tokens']} tokens of {texts_phrase(v)}."
+
+
+def texts_phrase(v: dict) -> str:
+    source = v.get("texts", "")
+    if source == "seeded ids":
+        return "seeded random token ids (the models have no tokenizer)"
+    if source == "built-in":
+        return "weightdiff's built-in evaluation text (prose, code and chat), teacher-forced"
+    return f"the texts in `{source}`, teacher-forced"
+
+
+def divergence_sentence(layers: list[dict]) -> str:
+    """Where along the depth A + adapter departs from B, from validate's per-layer relative errors."""
+    if not layers:
+        return ""
+    worst = max(layers, key=lambda row: row["rel_error_adapted"])
+    last = layers[-1]
+    return f"After the last layer the hidden state of A + adapter is {fmt_num(last['rel_error_adapted'])} away " \
+           f"from B's in relative norm (A alone: {fmt_num(last['rel_error_base'])}); the largest divergence, " \
+           f"{fmt_num(worst['rel_error_adapted'])}, is after layer {worst['layer']}."
 
 
 def energy_verdict(energy: float, rank: int) -> str:

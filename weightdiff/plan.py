@@ -146,6 +146,23 @@ def in_memory(tensors: dict[str, dict], modules: ModelModules | None) -> dict[st
     return out
 
 
+def parameter_name(name: str, entry: dict) -> str:
+    """The in-memory parameter a checkpoint tensor loads into: a layer's experts all load into one fused one."""
+    return entry.get("param") or f"{entry['module']}.{name.rpartition('.')[2]}"
+
+
+def fuse_experts(param: str, values: list[torch.Tensor], experts: list[int]) -> torch.Tensor:
+    """Per-expert tensors as transformers fuses them on load: stacked by expert, each expert's parts (gate, up)
+    concatenated along the rows. `values` come by expert, then part; a hole is an error naming the parameter."""
+    count = max(experts) + 1
+    parts = len(values) // count
+    if experts != [e for e in range(count) for _ in range(parts)]:
+        missing = sorted(set(range(count)) - set(experts))
+        raise WeightdiffError(f"{param}: the checkpoint has {len(values)} expert tensors for {count} experts × "
+                              f"{parts} parts; experts {missing[:5]} or some of their parts are missing")
+    return torch.stack([torch.cat(values[e * parts:(e + 1) * parts]) for e in range(count)])
+
+
 def selects(path: str, target_modules: list[str]) -> bool:
     """Whether a named target covers a module or parameter path: it names the path or one of its containers
     (PEFT's suffix rule on each), so `experts`, `self_attn` or `linear_attn` select what they hold."""

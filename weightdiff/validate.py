@@ -1,47 +1,32 @@
-"""Does A + adapter behave like B? Next-token distributions of A, A+adapter and B on a fixed batch.
+"""Does A + adapter behave like B? Next-token distributions of A, A + adapter and B, teacher-forced on real text.
 
-The adapter goes through PEFT's own loader, as users will load it; any key PEFT expects but the file
-lacks (the adapter silently stays zero there) or any key in the file PEFT does not use (dropped silently)
-is an error, not a warning.
+Both models run a decoder layer at a time (weightdiff.layerwise), so a 35B pair validates in the memory of one
+layer. The adapter goes through PEFT, as users will load it: PEFT wraps A's layers and its LoRA layers compute
+the A + adapter stream. Any key PEFT expects but the file lacks (the adapter silently stays zero there) or any
+key in the file PEFT does not use (dropped silently) is an error, not a warning.
 """
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
-from peft import PeftModel
-from peft.utils import get_peft_model_state_dict
+from peft import PeftConfig, PeftModel
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
+from tqdm import tqdm
 
 from weightdiff.errors import WeightdiffError
+from weightdiff.evalset import evaluation_batch
+from weightdiff.fidelity import NextTokenComparison, relative_error
+from weightdiff.layerwise import CheckpointWeights, LayerwiseModel, skeleton, tied_aliases
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def fixed_batch(model_b: torch.nn.Module, settings: DictConfig) -> torch.Tensor:
-    """Seeded random prompts continued by sampling from B: text B would write, where its predictions are
-    confident, rather than uniform random tokens, where near-ties make top-1 agreement a coin toss."""
-    g = torch.Generator().manual_seed(settings.seed)
-    tokens = torch.randint(0, model_b.config.vocab_size, (settings.batch_size, settings.prompt_len), generator=g)
-    while tokens.shape[1] < settings.seq_len:
-        probs = log_probs(model_b, tokens)[:, -1].exp()
-        tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=g)], dim=1)
-    return tokens
-
-
-def load_model(path: str, device: str) -> torch.nn.Module:
-    """fp32, so that the comparison measures the adapter, not bf16 matmul noise."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-
-
-@torch.no_grad()
-def log_probs(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(model(input_ids=tokens.to(model.device)).logits.float(), dim=-1).cpu()
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def key_mismatches(model: PeftModel, adapter_dir: Path) -> tuple[list[str], list[str]]:
@@ -49,36 +34,73 @@ def key_mismatches(model: PeftModel, adapter_dir: Path) -> tuple[list[str], list
     # save_embedding_layers=False: PEFT would otherwise expect the base embedding/lm_head weights of a
     # LoRA-targeted embedding, which it saves for resized vocabularies but never needs to load.
     expected = set(get_peft_model_state_dict(model, save_embedding_layers=False).keys())
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+    with safe_open(str(adapter_dir / ADAPTER_FILE), framework="pt") as f:
         present = set(f.keys())
     return sorted(expected - present), sorted(present - expected)
 
 
-def kl_per_token(target: torch.Tensor, approx: torch.Tensor) -> float:
-    """Mean over tokens of KL(target ‖ approx), both given as log-probabilities."""
-    return (target.exp() * (target - approx)).sum(-1).mean().item()
-
-
-def top1_agreement(target: torch.Tensor, approx: torch.Tensor) -> float:
-    return (target.argmax(-1) == approx.argmax(-1)).float().mean().item()
-
-
-def validate(manifest: dict, adapter_dir: Path, settings: DictConfig) -> dict:
-    device = settings.device
-    model_b = load_model(manifest["model_b"]["path"], device)
-    tokens = fixed_batch(model_b, settings)
-    lp_b = log_probs(model_b, tokens)
-    del model_b
-    model = load_model(manifest["model_a"]["path"], device)
-    lp_a = log_probs(model, tokens)
-    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+def adapted(config: dict, adapter_dir: Path, dtype: torch.dtype) -> tuple[PeftModel, dict[str, torch.Tensor]]:
+    """A's skeleton wrapped by PEFT from the adapter's own config, and the adapter's weights in `dtype` (as PEFT
+    holds them on a model of that dtype), refused if PEFT would not load them as written."""
+    model = PeftModel(skeleton(config, dtype), PeftConfig.from_pretrained(str(adapter_dir)), low_cpu_mem_usage=True)
     missing, unexpected = key_mismatches(model, adapter_dir)
     if missing or unexpected:
         raise WeightdiffError(f"{adapter_dir}: PEFT does not load this adapter as written: "
                               f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
-    lp_adapted = log_probs(model, tokens)
+    state = {k: v.to(dtype) for k, v in load_file(str(adapter_dir / ADAPTER_FILE)).items()}
+    return model.eval(), state
+
+
+@contextmanager
+def adapter_disabled(model: PeftModel):
+    """A's own stream. PeftModel.disable_adapter would first look for adapter layers, which stand-ins hide."""
+    model.base_model.disable_adapter_layers()
+    try:
+        yield
+    finally:
+        model.base_model.enable_adapter_layers()
+
+
+def layerwise(entry: dict, model: torch.nn.Module, settings: DictConfig, dtype: torch.dtype, streams,
+              load_adapter=lambda: None) -> LayerwiseModel:
+    weights = CheckpointWeights(Path(entry["path"]), entry["tensors"], dtype, settings.device,
+                                tied_aliases(model, entry["tensors"]))
+    return LayerwiseModel(model, weights, streams, load_adapter)
+
+
+@torch.no_grad()
+def validate(index: dict, adapter_dir: Path, settings: DictConfig) -> tuple[dict, list[dict]]:
+    """(metrics, per-layer relative error of the A + adapter and the A hidden states against B's)."""
+    if settings.dtype not in DTYPES:
+        raise WeightdiffError(f"validate.dtype must be one of {', '.join(DTYPES)}, not {settings.dtype!r}")
+    dtype = DTYPES[settings.dtype]
+    peft_model, state = adapted(index["model_a"]["config"], adapter_dir, dtype)
+    a = layerwise(index["model_a"], peft_model.get_base_model(), settings, dtype,
+                  {"base": lambda: adapter_disabled(peft_model), "adapted": nullcontext},
+                  lambda: set_peft_model_state_dict(peft_model, state, low_cpu_mem_usage=True))
+    b = layerwise(index["model_b"], skeleton(index["model_b"]["config"], dtype), settings, dtype, {"b": nullcontext})
+    tokens, texts = evaluation_batch(Path(index["model_a"]["path"]), min(a.vocab_size, b.vocab_size), settings)
+    hidden_a, hidden_b = a.start(a.embed(tokens)), b.start(b.embed(tokens))
+    layers = []
+    for i in tqdm(range(len(a.layers)), desc="validate", unit="layer", leave=False):
+        hidden_a, hidden_b = a.layer(i, hidden_a), b.layer(i, hidden_b)
+        layers.append({"layer": i, "rel_error_adapted": relative_error(hidden_a["adapted"], hidden_b["b"]),
+                       "rel_error_base": relative_error(hidden_a["base"], hidden_b["b"])})
+    comparison = NextTokenComparison(tokens.numel(), ("adapted", "base"))
+    for (offset, logits), (_, logits_b) in zip(a.logits(a.finish(hidden_a)), b.logits(b.finish(hidden_b))):
+        comparison.add(offset, logits_b["b"], logits)
+    return fidelity_metrics(comparison, texts, settings), layers
+
+
+def fidelity_metrics(comparison: NextTokenComparison, texts: str, settings: DictConfig) -> dict:
+    adapted_, base = comparison.result("adapted"), comparison.result("base")
+    confident = comparison.confident()
+    kl_adapted, kl_base = adapted_.kl.mean().item(), base.kl.mean().item()
     return {
-        "kl_adapted": kl_per_token(lp_b, lp_adapted), "kl_base": kl_per_token(lp_b, lp_a),
-        "top1_adapted": top1_agreement(lp_b, lp_adapted), "top1_base": top1_agreement(lp_b, lp_a),
-        "tokens": tokens.numel(),
+        "kl_adapted": kl_adapted, "kl_base": kl_base,
+        "gap_closed": 1.0 - kl_adapted / kl_base if kl_base > 0 else None,
+        "top1_adapted": adapted_.top1.float().mean().item(), "top1_base": base.top1.float().mean().item(),
+        "top1_adapted_confident": adapted_.top1[confident].float().mean().item() if confident.any() else None,
+        "confident_tokens": int(confident.sum()),
+        "tokens": int(adapted_.kl.numel()), "texts": texts, "dtype": settings.dtype,
     }
