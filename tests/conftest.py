@@ -79,3 +79,23 @@ def kl_per_token(target, approx) -> float:
 
 def top1_agreement(target, approx) -> float:
     return (target.argmax(-1) == approx.argmax(-1)).float().mean().item()
+
+
+def assert_streamed_equals_in_memory(manifest: dict, adapter_dir: Path, settings, rel: float = 1e-6) -> dict:
+    """validate's layer-streamed KLs equal those of the whole models in memory on the same tokens; its metrics."""
+    import json
+
+    import pytest
+
+    from weightdiff.evalset import evaluation_batch
+
+    metrics = validated(manifest, adapter_dir, settings)
+    dir_a, dir_b = (Path(manifest[side]["path"]) for side in ("model_a", "model_b"))
+    tokens, _ = evaluation_batch(dir_a, json.loads((dir_a / "config.json").read_text())["vocab_size"], settings)
+    target = full_model_log_probs(dir_b, tokens)
+    adapted, base = full_model_log_probs(dir_a, tokens, adapter_dir), full_model_log_probs(dir_a, tokens)
+    assert metrics["kl_adapted"] == pytest.approx(kl_per_token(target, adapted), rel=rel)
+    assert metrics["kl_base"] == pytest.approx(kl_per_token(target, base), rel=rel)
+    assert metrics["top1_adapted"] == pytest.approx(top1_agreement(target, adapted), abs=1e-9)
+    assert metrics["tokens"] == tokens.numel()
+    return metrics
