@@ -43,9 +43,9 @@ def layer_shapes(c: dict) -> dict[str, tuple[int, int]]:
             "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
 
 
-def write_pair(root: Path, shape: str, layers: int, delta: str, seed: int = 0) -> tuple[Path, Path, dict]:
+def write_pair(root: Path, shape: str, layers: int, delta: str, seed: int = 0, vocab: int = 1024) -> tuple[Path, Path, dict]:
     """Both models, one shard per layer plus one for the rest; returns (dir_a, dir_b, config)."""
-    config = SHAPES[shape] | {"num_hidden_layers": layers, "vocab_size": 1024, "rms_norm_eps": 1e-5,
+    config = SHAPES[shape] | {"num_hidden_layers": layers, "vocab_size": vocab, "rms_norm_eps": 1e-5,
                               "tie_word_embeddings": False, "max_position_embeddings": 8192}
     g = torch.Generator().manual_seed(seed)
     dirs = root / "a", root / "b"
@@ -59,7 +59,7 @@ def write_pair(root: Path, shape: str, layers: int, delta: str, seed: int = 0) -
             names = {f"model.layers.{layer}.{m}.weight": s for m, s in layer_shapes(config).items()}
             names |= {f"model.layers.{layer}.{n}.weight": (config["hidden_size"],) for n in ("input_layernorm", "post_attention_layernorm")}
         else:
-            names = {"model.embed_tokens.weight": (1024, config["hidden_size"]), "lm_head.weight": (1024, config["hidden_size"]),
+            names = {"model.embed_tokens.weight": (vocab, config["hidden_size"]), "lm_head.weight": (vocab, config["hidden_size"]),
                      "model.norm.weight": (config["hidden_size"],)}
         a, b = {}, {}
         for name, s in names.items():

@@ -99,6 +99,11 @@ def tensor_row(module: str, layer: int | None, kind: str, singular_values: list[
             "rel_error": math.sqrt(1 - energy), "singular_values": [float(s) for s in singular_values]}
 
 
+def synthetic_divergence(layers: int = 4) -> list[dict]:
+    """validate's per-layer rows: the adapter's error grows along the depth, far below A's."""
+    return [{"layer": i, "rel_error_adapted": 1e-4 * (i + 1), "rel_error_base": 0.1 * (i + 1)} for i in range(layers)]
+
+
 def synthetic_energy_curve(tensors: dict) -> list[tuple[int, float]]:
     """metrics/energy_vs_rank.csv as the extract stage defines it: the curve of all tensors pooled."""
     curve = energy_curves(tensors, tensors["rank"], group_of=lambda t: "all")["all"]
@@ -124,7 +129,7 @@ def png_size(path: Path) -> tuple[int, int]:
 def figures(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     tmp = tmp_path_factory.mktemp("figures")
     tensors = synthetic_tensors()
-    return write_figures(tensors, synthetic_energy_curve(tensors), write_dvc_yaml(tmp), tmp / "out")
+    return write_figures(tensors, synthetic_energy_curve(tensors), synthetic_divergence(), write_dvc_yaml(tmp), tmp / "out")
 
 
 def test_write_figures_makes_every_named_png(figures: list[Path]) -> None:
@@ -205,4 +210,4 @@ def test_extras_without_a_spectrum_stay_out_of_the_figures(tmp_path):
                                "unit": "measure", "shape": [64], "status": "skipped", "delta_norm": 0.3})
     assert "model.norm.weight" not in {t["name"] for t in decomposed(tensors)["tensors"]}
     curve = synthetic_energy_curve(decomposed(tensors))
-    assert len(write_figures(tensors, curve, write_dvc_yaml(tmp_path), tmp_path / "f")) == 4
+    assert len(write_figures(tensors, curve, synthetic_divergence(), write_dvc_yaml(tmp_path), tmp_path / "f")) == len(FIGURE_NAMES)

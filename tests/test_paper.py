@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pymupdf
 import pytest
-from test_figures import synthetic_energy_curve, synthetic_tensors, write_dvc_yaml
+from test_figures import synthetic_divergence, synthetic_energy_curve, synthetic_tensors, write_dvc_yaml
 
 from weightdiff.figures import FIGURE_NAMES, write_figures
 from weightdiff.paper import energy_verdict, fmt_bytes, fmt_energy, fmt_num, kl_verdict, write_paper
@@ -32,7 +32,8 @@ def synthetic_run() -> dict:
                     "compression_ratio": 56.153, "adapter_params": 8_798_208, "seconds": 93.44},
         "tensors": tensors,
         "validate": {"kl_adapted": 2.5e-6, "kl_base": 0.0834, "top1_adapted": 0.996, "top1_base": 0.875,
-                     "tokens": 256},
+                     "tokens": 256, "gap_closed": 1 - 2.5e-6 / 0.0834, "texts": "built-in"},
+        "layers": synthetic_divergence(),
         "gguf": {"arch": "llama", "tensors": 44, "bytes": 35_200_000, "dtype": "f32"},
         "params": {"model_a": "org/base", "model_b": "org/tuned",
                    "extract": {"rank": 4, "alpha": None, "target_modules": ["q_proj", "k_proj", "v_proj"],
@@ -46,7 +47,7 @@ def synthetic_run() -> dict:
 def paper(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("repo")
     run = synthetic_run()
-    write_figures(run["tensors"], synthetic_energy_curve(run["tensors"]), write_dvc_yaml(root),
+    write_figures(run["tensors"], synthetic_energy_curve(run["tensors"]), run["layers"], write_dvc_yaml(root),
                   root / "reports" / "figures")
     return write_paper(run, root / "reports" / "figures", root / "reports" / "paper")
 
@@ -54,7 +55,8 @@ def paper(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_markdown_carries_the_runs_numbers(paper: tuple[Path, Path]) -> None:
     text = paper[0].read_text()
     for expected in ("rank-4", "r = 4", "2.50 × 10⁻⁶", "0.0834", "56.2:1", SHA_A, SHA_B, "16.8 MiB",
-                     "942.3 MiB", "0.6123", "87.5%", "99.6%", "256 tokens", "93.4 s", "33.6 MiB",
+                     "942.3 MiB", "0.6123", "87.5%", "99.6%", "256 tokens", "closes 100.0% of the KL gap",
+                     "weightdiff's built-in evaluation text", "is after layer 3", "93.4 s", "33.6 MiB",
                      f"{os.cpu_count()} CPU cores", "model.layers.1.self_attn.v_proj.weight"):
         assert expected in text, expected
     for heading in ("## Abstract", "## 1. Introduction", "## 2. Method", "## 3. Experiments", "## 4. Results",
