@@ -37,11 +37,20 @@ def smollm2_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_pair(tmp_path_factory, cfg, smollm2_dir) -> tuple[Path, Path]:
+def hub_cache(tmp_path_factory) -> Path:
+    """A session-wide HF_HUB_CACHE: the DVC tests run the pipeline with it, and find the demo pair built there."""
+    return tmp_path_factory.mktemp("hub_cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_pair(hub_cache, cfg, smollm2_dir) -> tuple[Path, Path]:
     """The default demo pair with the committed settings (demo.pair=smollm2): A = SmolLM2-135M-Instruct,
-    B = A after the demo's LoRA fine-tune, merged; A copied from smollm2_dir rather than converted again."""
-    settings = OmegaConf.merge(cfg.demo, {"pair": "smollm2"})
-    return demo.make_pair(tmp_path_factory.mktemp("pair") / "smollm2", settings, base=smollm2_dir)
+    B = A after the demo's LoRA fine-tune, merged. Built where the download stage looks for it in hub_cache,
+    with A copied from smollm2_dir rather than converted again."""
+    from weightdiff.download import demo_key
+
+    assert cfg.demo.pair == "smollm2", "the committed demo pair is the real one"
+    return demo.make_pair(hub_cache / "weightdiff-demo" / demo_key(cfg.demo), cfg.demo, base=smollm2_dir)
 
 
 def local_manifest(dir_a: Path, dir_b: Path) -> dict:

@@ -53,8 +53,9 @@ class Project:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Project:
-    """A fresh clone of the working tree: tracked and untracked-but-not-ignored files, a new git history."""
+def project(tmp_path_factory, hub_cache, smollm2_pair) -> Project:
+    """A fresh clone of the working tree: tracked and untracked-but-not-ignored files, a new git history; the
+    HF cache already holds the demo pair (built once per session by the smollm2_pair fixture)."""
     root = tmp_path_factory.mktemp("clone")
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
@@ -62,7 +63,7 @@ def project(tmp_path_factory) -> Project:
         if (REPO / f).is_file():
             (root / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, root / f)
-    env = os.environ | {"HF_HUB_CACHE": str(tmp_path_factory.mktemp("hf")), "HF_HUB_OFFLINE": "1",
+    env = os.environ | {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1",
                         "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
                         "GIT_COMMITTER_EMAIL": "t@t"}
