@@ -128,7 +128,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tiny_pair, tmp_path, 
 @pytest.mark.parametrize("case, message", [
     ("missing", r"validate\.texts: .*nowhere\.jsonl does not exist"),
     ("empty", r"validate\.texts: .*empty\.jsonl holds no text"),
-    ("short", r"short\.jsonl: \d+ tokens with the tokenizer of .*, fewer than validate\.batch_size × validate\.seq_len = 4 × 256 = 1024"),
+    ("short", r"short\.jsonl: 150 tokens with the tokenizer of .*, fewer than validate\.batch_size × validate\.seq_len = 4 × 128 = 512"),
     ("malformed", r"malformed\.jsonl:2: expected"),
 ])
 def test_bad_texts_are_one_clear_error(pair_with_tokenizer, tmp_path, cfg, case, message):

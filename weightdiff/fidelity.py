@@ -25,11 +25,12 @@ class _Softmax:
         self.sum = torch.zeros(tokens, dtype=torch.float64)
         self.argmax = torch.zeros(tokens, dtype=torch.long)
 
-    def add(self, z: torch.Tensor, offset: int) -> torch.Tensor:
-        """Folds in a chunk; returns exp(z − new max), which callers reuse."""
-        chunk_max, chunk_arg = z.max(-1)
+    def add(self, z: torch.Tensor, chunk_max: torch.Tensor, chunk_arg: torch.Tensor, offset: int) -> torch.Tensor:
+        """Folds in a chunk (fp64 logits, and their max and arg-max found in fp32, which is exact); returns
+        exp(z − new max), which callers reuse."""
+        chunk_max = chunk_max.double()
         new_max = torch.maximum(self.max, chunk_max)
-        weights = (z - new_max[:, None]).exp()
+        weights = (z - new_max[:, None]).exp_()
         self.sum = self.sum * (self.max - new_max).exp() + weights.sum(-1)
         self.argmax = torch.where(chunk_max > self.max, chunk_arg + offset, self.argmax)
         self.max = new_max
@@ -56,18 +57,19 @@ class NextTokenComparison:
         self.cross = {s: torch.zeros(tokens, dtype=torch.float64) for s in streams}  # Σ exp(z_B − max_B)(z_B − z_X)
 
     def add(self, offset: int, logits_b: torch.Tensor, logits: dict[str, torch.Tensor]) -> None:
-        """logits_b and each logits[s]: [tokens, chunk] for vocabulary entries offset … offset + chunk."""
-        z_b = logits_b.double()
+        """logits_b and each logits[s]: fp32 [tokens, chunk] for vocabulary entries offset … offset + chunk."""
+        top = logits_b.topk(min(2, logits_b.shape[-1]), dim=-1)
+        runner_up = top.values[:, 1].double() if top.values.shape[1] > 1 else torch.full_like(self.b.max, -math.inf)
+        leader = top.values[:, 0].double()
+        self.second_b = torch.maximum(torch.minimum(self.b.max, leader), torch.maximum(self.second_b, runner_up))
         old_max = self.b.max
-        top = z_b.topk(min(2, z_b.shape[-1]), dim=-1).values
-        runner_up = top[:, 1] if top.shape[1] > 1 else torch.full_like(old_max, -math.inf)
-        self.second_b = torch.maximum(torch.minimum(self.b.max, top[:, 0]), torch.maximum(self.second_b, runner_up))
-        weights = self.b.add(z_b, offset)
+        z_b = logits_b.double()
+        weights = self.b.add(z_b, top.values[:, 0], top.indices[:, 0], offset)
         rescale = (old_max - self.b.max).exp()
         for s, z in logits.items():
             z = z.double()
-            self.others[s].add(z, offset)
             self.cross[s] = self.cross[s] * rescale + (weights * (z_b - z)).sum(-1)
+            self.others[s].add(z, *z.max(-1), offset)
 
     def result(self, stream: str) -> Agreement:
         lse_b = self.b.log_normalizer()

@@ -9,8 +9,7 @@ embedding and the LM head, which grow with the vocabulary, are materialised only
 and in chunks of the vocabulary.
 
 A PEFT model is one such model with two streams, adapter disabled (A) and enabled (A + adapter), so that A's
-weights are read once for both. PEFT moves adapter weights to the device of the layer they wrap, so they are
-(re)loaded by PEFT's own `set_peft_model_state_dict` each time a layer has been materialised.
+weights are read once for both; its adapter weights are real from the start and stay so.
 """
 from __future__ import annotations
 
@@ -31,7 +30,8 @@ from weightdiff.plan import fuse_experts, parameter_name
 ROW_BUDGET = 1 << 24  # elements of embedding / LM-head rows materialised at a time (64 MB in fp32)
 LOGITS_BUDGET = 1 << 22  # elements of one stream's chunk of logits
 PEFT_WRAPPER = re.compile(r"\.(?:base_layer|original_module)(?=\.)")
-Streams = dict[str, Callable[[], ContextManager]]  # stream name → the context it runs in (adapter on or off)
+# stream name → the context a module runs in for that stream (adapter on or off), given the module
+Streams = dict[str, Callable[[torch.nn.Module], ContextManager]]
 
 
 def release_freed_memory() -> None:
@@ -126,13 +126,18 @@ def assign(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
     """Puts each value in place of the parameter of that name, whatever its shape was (a slice of the vocabulary)."""
     for name, value in values.items():
         owner, _, leaf = name.rpartition(".")
-        module.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        param = value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value, requires_grad=False)
+        module.get_submodule(owner)._parameters[leaf] = param
 
 
 def materialize(module: torch.nn.Module, path: str, rows: Callable[[str], torch.Tensor]) -> None:
     """Gives every base parameter of `module` still on the meta device its value, `rows(in-memory name)`."""
     assign(module, {name: rows(base_path(f"{path}.{name}")) for name, p in module.named_parameters(remove_duplicate=False)
                     if p.is_meta and not is_adapter(name)})
+
+
+def base_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in module.named_parameters(remove_duplicate=False) if not is_adapter(n)}
 
 
 class _StandIn(torch.nn.Module):
@@ -154,9 +159,8 @@ class _StandIn(torch.nn.Module):
 class LayerwiseModel:
     """One model's streams, advanced a decoder layer at a time (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, weights: CheckpointWeights, streams: Streams,
-                 load_adapter: Callable[[], None] = lambda: None):
-        self.model, self.weights, self.streams, self.load_adapter = model, weights, streams, load_adapter
+    def __init__(self, model: torch.nn.Module, weights: CheckpointWeights, streams: Streams):
+        self.model, self.weights, self.streams = model, weights, streams
         self.decoder = model.base_model
         self.layers = getattr(self.decoder, "layers", None)
         if not isinstance(self.layers, torch.nn.ModuleList):
@@ -173,11 +177,30 @@ class LayerwiseModel:
             for key, buffer in module._buffers.items():
                 if buffer is not None:
                     module._buffers[key] = buffer.to(weights.device)
-        apart = tuple(base_path(p) for p in (*self.layer_paths, self.input_path, self.output_path))
-        values = {name: weights.get(base_path(name)) for name, p in model.named_parameters(remove_duplicate=False)
-                  if p.is_meta and not is_adapter(name) and not base_path(name).startswith(tuple(a + "." for a in apart))}
-        assign(model, values)  # the final norm and other small globals stay
-        load_adapter()
+        apart = tuple(base_path(p) + "." for p in (*self.layer_paths, self.input_path, self.output_path))
+        assign(model, {name: weights.get(base_path(name)) for name, p in base_parameters(model).items()
+                       if p.is_meta and not base_path(name).startswith(apart)})  # the final norm and other globals
+
+    @contextmanager
+    def _materialized(self, path: str, rows: Callable[[str], torch.Tensor],
+                      adapter_rows: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> Iterator[torch.nn.Module]:
+        """The module at `path` with its base weights `rows(in-memory name)` (adapter factors of vocabulary size
+        sliced by `adapter_rows`), put back on the meta device, and its memory released, afterwards."""
+        module = self.model.get_submodule(path)
+        originals = dict(module.named_parameters(remove_duplicate=False))
+        try:
+            materialize(module, path, rows)
+            if adapter_rows is not None:
+                assign(module, {name: adapter_rows(p, list(p.shape).index(self.vocab_size))
+                                for name, p in originals.items() if is_adapter(name) and self.vocab_size in p.shape})
+            yield module
+        finally:
+            assign(module, originals)
+            self.weights.unmap()
+
+    def _run(self, module: torch.nn.Module, stream: str, *args, **kwargs):
+        with self.streams[stream](module):
+            return module(*args, **kwargs)
 
     @contextmanager
     def _stand_ins(self, calls: list, output: torch.Tensor | None = None) -> Iterator[None]:
@@ -190,40 +213,17 @@ class LayerwiseModel:
             for i, layer in enumerate(layers):
                 self.layers[i] = layer
 
-    def _module(self, path: str) -> torch.nn.Module:
-        return self.model.get_submodule(path)
-
-    @contextmanager
-    def _vocab_view(self, path: str, base_rows: Callable[[str], torch.Tensor],
-                    adapter_rows: Callable[[torch.Tensor, int], torch.Tensor]) -> Iterator[torch.nn.Module]:
-        """The embedding or LM head with only some vocabulary rows materialised, adapter factors sliced alike."""
-        module = self._module(path)
-        try:
-            materialize(module, path, base_rows)
-            self.load_adapter()
-            sliced = {name: adapter_rows(p, list(p.shape).index(self.vocab_size))
-                      for name, p in module.named_parameters() if is_adapter(name) and self.vocab_size in p.shape}
-            assign(module, sliced)
-            yield module
-        finally:
-            module.to("meta")
-            self.weights.unmap()
-
     def embed(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each stream's input embeddings, from the embedding rows of the tokens in the batch only."""
         used, inverse = torch.unique(ids, return_inverse=True)
-        with self._vocab_view(self.input_path, lambda p: self.weights.gather(p, used),
-                              lambda t, dim: t.index_select(dim, used)) as module:
+        with self._materialized(self.input_path, lambda p: self.weights.gather(p, used),
+                                lambda t, dim: t.index_select(dim, used)) as module:
             embeddings = [m for m in module.modules() if isinstance(m, torch.nn.Embedding)]
             padding = [m.padding_idx for m in embeddings]
             for m in embeddings:  # padding_idx only shapes gradients, and it indexes rows no longer there
                 m.padding_idx = None
             try:
-                out = {}
-                for stream, mode in self.streams.items():
-                    with mode():
-                        out[stream] = module(inverse.to(self.weights.device))
-                return out
+                return {stream: self._run(module, stream, inverse.to(self.weights.device)) for stream in self.streams}
             finally:
                 for m, p in zip(embeddings, padding):
                     m.padding_idx = p
@@ -233,8 +233,8 @@ class LayerwiseModel:
         hidden = {}
         for stream, x in embeddings.items():
             calls: list = []
-            with self._stand_ins(calls), self.streams[stream]():
-                out = self.decoder(inputs_embeds=x, use_cache=False).last_hidden_state
+            with self._stand_ins(calls):
+                out = self._run(self.decoder, stream, inputs_embeds=x, use_cache=False).last_hidden_state
             if out.shape != x.shape or len(calls) != len(self.layers):
                 raise WeightdiffError(f"{type(self.decoder).__name__} does not call its layers as one tensor in, one "
                                       "out: validation cannot run it a layer at a time")
@@ -243,28 +243,18 @@ class LayerwiseModel:
         return hidden
 
     def layer(self, i: int, hidden: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        layer, path = self.layers[i], self.layer_paths[i]
-        try:
-            materialize(layer, path, self.weights.get)
-            self.load_adapter()
-            args, kwargs = self.calls[i]
-            out = {}
-            for stream, h in hidden.items():
-                with self.streams[stream]():
-                    y = layer(h, *args, **kwargs)
-                out[stream] = y[0] if isinstance(y, tuple) else y
-            return out
-        finally:
-            layer.to("meta")
-            self.weights.unmap()
-            release_freed_memory()
+        args, kwargs = self.calls[i]
+        with self._materialized(self.layer_paths[i], self.weights.get) as layer:
+            outputs = {stream: self._run(layer, stream, h, *args, **kwargs) for stream, h in hidden.items()}
+        release_freed_memory()
+        return {stream: y[0] if isinstance(y, tuple) else y for stream, y in outputs.items()}
 
     def finish(self, hidden: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What the decoder does after its last layer (the final norm), on each stream's last hidden state."""
         out = {}
         for stream, h in hidden.items():
-            with self._stand_ins([], output=h), self.streams[stream]():
-                out[stream] = self.decoder(inputs_embeds=h, use_cache=False).last_hidden_state
+            with self._stand_ins([], output=h):
+                out[stream] = self._run(self.decoder, stream, inputs_embeds=h, use_cache=False).last_hidden_state
         return out
 
     def logits(self, hidden: dict[str, torch.Tensor]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -274,13 +264,11 @@ class LayerwiseModel:
         step = max(1, min(ROW_BUDGET // width, LOGITS_BUDGET // tokens))
         for start in range(0, self.vocab_size, step):
             stop = min(start + step, self.vocab_size)
-            with self._vocab_view(self.output_path, lambda p: self.weights.rows(p, start, stop),
-                                  lambda t, dim: t.narrow(dim, start, stop - start)) as head:
-                out = {}
-                for stream, h in flat.items():
-                    with self.streams[stream]():
-                        z = head(h).float()
-                    out[stream] = z if self.softcap is None else torch.tanh(z / self.softcap) * self.softcap
+            with self._materialized(self.output_path, lambda p: self.weights.rows(p, start, stop),
+                                    lambda t, dim: t.narrow(dim, start, stop - start)) as head:
+                out = {stream: self._run(head, stream, h).float() for stream, h in flat.items()}
+            if self.softcap is not None:
+                out = {stream: torch.tanh(z / self.softcap) * self.softcap for stream, z in out.items()}
             yield start, out
 
 

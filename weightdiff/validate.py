@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from peft import PeftConfig, PeftModel
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from weightdiff.errors import WeightdiffError
 from weightdiff.evalset import evaluation_batch
 from weightdiff.fidelity import NextTokenComparison, relative_error
-from weightdiff.layerwise import CheckpointWeights, LayerwiseModel, skeleton, tied_aliases
+from weightdiff.layerwise import CheckpointWeights, LayerwiseModel, assign, base_parameters, skeleton, tied_aliases
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -39,33 +40,46 @@ def key_mismatches(model: PeftModel, adapter_dir: Path) -> tuple[list[str], list
     return sorted(expected - present), sorted(present - expected)
 
 
-def adapted(config: dict, adapter_dir: Path, dtype: torch.dtype) -> tuple[PeftModel, dict[str, torch.Tensor]]:
-    """A's skeleton wrapped by PEFT from the adapter's own config, and the adapter's weights in `dtype` (as PEFT
-    holds them on a model of that dtype), refused if PEFT would not load them as written."""
+def adapted(config: dict, adapter_dir: Path, dtype: torch.dtype) -> PeftModel:
+    """A's skeleton wrapped by PEFT from the adapter's own config, refused if PEFT would not load the adapter as
+    written, then loaded by PEFT's own loader in `dtype` (as PEFT holds it on a model of that dtype).
+
+    PEFT moves adapter weights to the device of the weights they wrap, the meta device here: while it loads, the
+    base weights are stood in for by CPU tensors that cost no memory (one zero, expanded to the shape).
+    """
     model = PeftModel(skeleton(config, dtype), PeftConfig.from_pretrained(str(adapter_dir)), low_cpu_mem_usage=True)
     missing, unexpected = key_mismatches(model, adapter_dir)
     if missing or unexpected:
         raise WeightdiffError(f"{adapter_dir}: PEFT does not load this adapter as written: "
                               f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
     state = {k: v.to(dtype) for k, v in load_file(str(adapter_dir / ADAPTER_FILE)).items()}
-    return model.eval(), state
+    skeleton_weights = base_parameters(model)
+    assign(model, {n: torch.zeros((), dtype=p.dtype).expand(p.shape) for n, p in skeleton_weights.items()})
+    try:
+        set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)
+    finally:
+        assign(model, skeleton_weights)
+    return model.eval()
 
 
 @contextmanager
-def adapter_disabled(model: PeftModel):
-    """A's own stream. PeftModel.disable_adapter would first look for adapter layers, which stand-ins hide."""
-    model.base_model.disable_adapter_layers()
+def adapters_enabled(module: torch.nn.Module, enabled: bool):
+    """The PEFT layers inside `module` on or off, for one stream's run of it (PEFT's own switch, per layer:
+    PeftModel.disable_adapter would walk the whole model, and find nothing where stand-ins are)."""
+    switches = [m for m in module.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    for m in switches:
+        m.enable_adapters(enabled)
     try:
         yield
     finally:
-        model.base_model.enable_adapter_layers()
+        for m in switches:
+            m.enable_adapters(True)
 
 
-def layerwise(entry: dict, model: torch.nn.Module, settings: DictConfig, dtype: torch.dtype, streams,
-              load_adapter=lambda: None) -> LayerwiseModel:
+def layerwise(entry: dict, model: torch.nn.Module, settings: DictConfig, dtype: torch.dtype, streams) -> LayerwiseModel:
     weights = CheckpointWeights(Path(entry["path"]), entry["tensors"], dtype, settings.device,
                                 tied_aliases(model, entry["tensors"]))
-    return LayerwiseModel(model, weights, streams, load_adapter)
+    return LayerwiseModel(model, weights, streams)
 
 
 @torch.no_grad()
@@ -74,11 +88,11 @@ def validate(index: dict, adapter_dir: Path, settings: DictConfig) -> tuple[dict
     if settings.dtype not in DTYPES:
         raise WeightdiffError(f"validate.dtype must be one of {', '.join(DTYPES)}, not {settings.dtype!r}")
     dtype = DTYPES[settings.dtype]
-    peft_model, state = adapted(index["model_a"]["config"], adapter_dir, dtype)
+    peft_model = adapted(index["model_a"]["config"], adapter_dir, dtype)
     a = layerwise(index["model_a"], peft_model.get_base_model(), settings, dtype,
-                  {"base": lambda: adapter_disabled(peft_model), "adapted": nullcontext},
-                  lambda: set_peft_model_state_dict(peft_model, state, low_cpu_mem_usage=True))
-    b = layerwise(index["model_b"], skeleton(index["model_b"]["config"], dtype), settings, dtype, {"b": nullcontext})
+                  {"base": lambda m: adapters_enabled(m, False), "adapted": lambda m: nullcontext()})
+    b = layerwise(index["model_b"], skeleton(index["model_b"]["config"], dtype), settings, dtype,
+                  {"b": lambda m: nullcontext()})
     tokens, texts = evaluation_batch(Path(index["model_a"]["path"]), min(a.vocab_size, b.vocab_size), settings)
     hidden_a, hidden_b = a.start(a.embed(tokens)), b.start(b.embed(tokens))
     layers = []
