@@ -372,9 +372,9 @@ def gap_sentence(v: dict) -> str:
     """The share of B's lead over A that the adapter recovers, 1 − KL(B‖A+adapter) / KL(B‖A)."""
     if v.get("gap_closed") is None:
         return "A and B agree on the validation batch, so there is no gap for the adapter to close."
-    return f"The adapter closes {fmt_pct(v['gap_closed'])} of the KL gap between A and B " \
-           f"(gap closed = 1 − KL(B ‖ A + adapter) / KL(B ‖ A) = {fmt_num(v['gap_closed'])}), measured on " \
-           f"{v['tokens']} tokens of {texts_phrase(v)}."
+    return f"The adapter closes {100 * v['gap_closed']:.3f}% of the KL gap between A and B (gap closed = " \
+           f"1 − KL(B ‖ A + adapter) / KL(B ‖ A); what it leaves is {fmt_num(1 - v['gap_closed'])} of KL(B ‖ A)), " \
+           f"measured on {v['tokens']} tokens of {texts_phrase(v)}."
 
 
 def texts_phrase(v: dict) -> str:
