@@ -185,7 +185,7 @@ class LayerwiseModel:
     def _materialized(self, path: str, rows: Callable[[str], torch.Tensor],
                       adapter_rows: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> Iterator[torch.nn.Module]:
         """The module at `path` with its base weights `rows(in-memory name)` (adapter factors of vocabulary size
-        sliced by `adapter_rows`), put back on the meta device, and its memory released, afterwards."""
+        sliced by `adapter_rows`), its parameters as they were (base ones on the meta device) afterwards."""
         module = self.model.get_submodule(path)
         originals = dict(module.named_parameters(remove_duplicate=False))
         try:
@@ -258,7 +258,8 @@ class LayerwiseModel:
         return out
 
     def logits(self, hidden: dict[str, torch.Tensor]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """(first vocabulary id, each stream's fp32 logits [tokens, chunk]) for bounded chunks of the vocabulary."""
+        """(first vocabulary id, each stream's fp32 logits [tokens, chunk] on the CPU) for bounded chunks of the
+        vocabulary."""
         flat = {s: h.reshape(-1, h.shape[-1]) for s, h in hidden.items()}
         tokens, width = next(iter(flat.values())).shape
         step = max(1, min(ROW_BUDGET // width, LOGITS_BUDGET // tokens))
@@ -266,7 +267,7 @@ class LayerwiseModel:
             stop = min(start + step, self.vocab_size)
             with self._materialized(self.output_path, lambda p: self.weights.rows(p, start, stop),
                                     lambda t, dim: t.narrow(dim, start, stop - start)) as head:
-                out = {stream: self._run(head, stream, h).float() for stream, h in flat.items()}
+                out = {stream: self._run(head, stream, h).float().cpu() for stream, h in flat.items()}
             if self.softcap is not None:
                 out = {stream: torch.tanh(z / self.softcap) * self.softcap for stream, z in out.items()}
             yield start, out

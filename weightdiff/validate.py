@@ -40,21 +40,21 @@ def key_mismatches(model: PeftModel, adapter_dir: Path) -> tuple[list[str], list
     return sorted(expected - present), sorted(present - expected)
 
 
-def adapted(config: dict, adapter_dir: Path, dtype: torch.dtype) -> PeftModel:
+def adapted(config: dict, adapter_dir: Path, dtype: torch.dtype, device: str) -> PeftModel:
     """A's skeleton wrapped by PEFT from the adapter's own config, refused if PEFT would not load the adapter as
-    written, then loaded by PEFT's own loader in `dtype` (as PEFT holds it on a model of that dtype).
+    written, then loaded by PEFT's own loader in `dtype` on `device` (as PEFT holds it on a model there).
 
     PEFT moves adapter weights to the device of the weights they wrap, the meta device here: while it loads, the
-    base weights are stood in for by CPU tensors that cost no memory (one zero, expanded to the shape).
+    base weights are stood in for by tensors on `device` that cost no memory (one zero, expanded to the shape).
     """
     model = PeftModel(skeleton(config, dtype), PeftConfig.from_pretrained(str(adapter_dir)), low_cpu_mem_usage=True)
     missing, unexpected = key_mismatches(model, adapter_dir)
     if missing or unexpected:
         raise WeightdiffError(f"{adapter_dir}: PEFT does not load this adapter as written: "
                               f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
-    state = {k: v.to(dtype) for k, v in load_file(str(adapter_dir / ADAPTER_FILE)).items()}
+    state = {k: v.to(device, dtype) for k, v in load_file(str(adapter_dir / ADAPTER_FILE)).items()}
     skeleton_weights = base_parameters(model)
-    assign(model, {n: torch.zeros((), dtype=p.dtype).expand(p.shape) for n, p in skeleton_weights.items()})
+    assign(model, {n: torch.zeros((), dtype=p.dtype, device=device).expand(p.shape) for n, p in skeleton_weights.items()})
     try:
         set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)
     finally:
@@ -88,12 +88,14 @@ def validate(index: dict, adapter_dir: Path, settings: DictConfig) -> tuple[dict
     if settings.dtype not in DTYPES:
         raise WeightdiffError(f"validate.dtype must be one of {', '.join(DTYPES)}, not {settings.dtype!r}")
     dtype = DTYPES[settings.dtype]
-    peft_model = adapted(index["model_a"]["config"], adapter_dir, dtype)
+    peft_model = adapted(index["model_a"]["config"], adapter_dir, dtype, settings.device)
     a = layerwise(index["model_a"], peft_model.get_base_model(), settings, dtype,
                   {"base": lambda m: adapters_enabled(m, False), "adapted": lambda m: nullcontext()})
     b = layerwise(index["model_b"], skeleton(index["model_b"]["config"], dtype), settings, dtype,
                   {"b": lambda m: nullcontext()})
     tokens, texts = evaluation_batch(Path(index["model_a"]["path"]), min(a.vocab_size, b.vocab_size), settings)
+    log.info("validating on %d tokens (%s) in %s on %s, both models a decoder layer at a time", tokens.numel(), texts,
+             settings.dtype, settings.device)
     hidden_a, hidden_b = a.start(a.embed(tokens)), b.start(b.embed(tokens))
     layers = []
     for i in tqdm(range(len(a.layers)), desc="validate", unit="layer", leave=False):
@@ -107,14 +109,14 @@ def validate(index: dict, adapter_dir: Path, settings: DictConfig) -> tuple[dict
 
 
 def fidelity_metrics(comparison: NextTokenComparison, texts: str, settings: DictConfig) -> dict:
-    adapted_, base = comparison.result("adapted"), comparison.result("base")
+    with_adapter, base = comparison.result("adapted"), comparison.result("base")
     confident = comparison.confident()
-    kl_adapted, kl_base = adapted_.kl.mean().item(), base.kl.mean().item()
+    kl_adapted, kl_base = with_adapter.kl.mean().item(), base.kl.mean().item()
     return {
         "kl_adapted": kl_adapted, "kl_base": kl_base,
         "gap_closed": 1.0 - kl_adapted / kl_base if kl_base > 0 else None,
-        "top1_adapted": adapted_.top1.float().mean().item(), "top1_base": base.top1.float().mean().item(),
-        "top1_adapted_confident": adapted_.top1[confident].float().mean().item() if confident.any() else None,
+        "top1_adapted": with_adapter.top1.float().mean().item(), "top1_base": base.top1.float().mean().item(),
+        "top1_adapted_confident": with_adapter.top1[confident].float().mean().item() if confident.any() else None,
         "confident_tokens": int(confident.sum()),
-        "tokens": int(adapted_.kl.numel()), "texts": texts, "dtype": settings.dtype,
+        "tokens": int(with_adapter.kl.numel()), "texts": texts, "dtype": settings.dtype,
     }
