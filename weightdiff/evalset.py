@@ -53,8 +53,7 @@ def record_ids(record: dict, tokenizer) -> list[int]:
     if "messages" not in record:
         return tokenizer(record["text"])["input_ids"]
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(record["messages"], tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(tokenizer.apply_chat_template(record["messages"], tokenize=True, return_dict=False))
     return tokenizer("\n\n".join(f"{m['role']}: {m['content']}" for m in record["messages"]))["input_ids"]
 
 
