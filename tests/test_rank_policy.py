@@ -6,9 +6,9 @@ import json
 
 import torch
 
+from conftest import validated
 from test_roundtrip import edited_copy, run_extract
 from weightdiff.rank import auto_rank, energy_rank, noise_floor
-from weightdiff.validate import validate
 
 
 def test_energy_rank_is_the_smallest_reaching_the_target():
@@ -41,7 +41,7 @@ def test_energy_policy_ranks_are_loaded_by_peft_through_patterns(tiny_pair, tmp_
     assert config["alpha_pattern"] == {k: float(v) for k, v in config["rank_pattern"].items()}  # scaling 1 each
     assert all(r["energy"] >= 0.99 for r in linear)
     assert all(r["energy"] - r["singular_values"][-1] ** 2 / r["delta_norm"] ** 2 < 0.99 for r in linear)  # smallest
-    result = validate(manifest, tmp_path / "adapter", cfg.validate)  # fails on any key PEFT does not load
+    result = validated(manifest, tmp_path / "adapter", cfg.validate)  # fails on any key PEFT does not load
     assert result["kl_adapted"] < result["kl_base"] / 100
 
 
@@ -50,7 +50,7 @@ def test_noise_floor_finds_the_rank_of_two_merged_loras(tiny_pair, tmp_path, cfg
     manifest, metrics, reports = run_extract(*tiny_pair, tmp_path / "adapter", cfg, rank_policy="noise_floor", max_rank=40)
     assert {r["rank"] for r in reports if r["unit"] == "linear"} == {16}
     assert all(r["singular_values"][-1] > r["noise_floor"] for r in reports if r["unit"] == "linear")
-    assert validate(manifest, tmp_path / "adapter", cfg.validate)["kl_adapted"] <= 1e-4
+    assert validated(manifest, tmp_path / "adapter", cfg.validate)["kl_adapted"] <= 1e-4
 
 
 def test_sampled_exact_check_reports_the_randomized_energy_gap(tiny_pair, tmp_path, cfg):
