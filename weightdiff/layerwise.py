@@ -118,9 +118,6 @@ class CheckpointWeights:
                 blocks.append(self.rows(param, start, min(start + step, shape[0]))[wanted - start])
         return torch.cat(blocks)
 
-    def unmap(self) -> None:
-        self.reader.unmap()
-
 
 def assign(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
     """Puts each value in place of the parameter of that name, whatever its shape was (a slice of the vocabulary)."""
@@ -196,7 +193,6 @@ class LayerwiseModel:
             yield module
         finally:
             assign(module, originals)
-            self.weights.unmap()
 
     def _run(self, module: torch.nn.Module, stream: str, *args, **kwargs):
         with self.streams[stream](module):
