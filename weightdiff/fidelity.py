@@ -66,10 +66,10 @@ class NextTokenComparison:
         z_b = logits_b.double()
         weights = self.b.add(z_b, top.values[:, 0], top.indices[:, 0], offset)
         rescale = (old_max - self.b.max).exp()
-        for s, z in logits.items():
-            z = z.double()
+        for s, z32 in logits.items():
+            z = z32.double()
             self.cross[s] = self.cross[s] * rescale + (weights * (z_b - z)).sum(-1)
-            self.others[s].add(z, *z.max(-1), offset)
+            self.others[s].add(z, *z32.max(-1), offset)
 
     def result(self, stream: str) -> Agreement:
         lse_b = self.b.log_normalizer()
