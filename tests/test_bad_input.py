@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 import stages.download
 import stages.extract
-from conftest import REPO, local_manifest
-from test_roundtrip import edited_copy, run_extract
+from helpers import REPO, local_manifest
+from helpers import edited_copy, run_extract
 from weightdiff.config import run_config
 from weightdiff.download import parse_source
 from weightdiff.errors import WeightdiffError
@@ -97,7 +97,7 @@ def test_resized_embeddings_skip_accepts_only_vocabulary_sized_differences(tiny_
     stages.extract.main(run_config(params=REPO / "params.yaml"))
     keys = load_file(tmp_path / "artifacts" / "adapter" / "adapter_model.safetensors").keys()
     assert keys and not [k for k in keys if "embed_tokens" in k or "lm_head" in k]
-    reports = json.loads((tmp_path / "artifacts" / "extract" / "tensors.json").read_text())["tensors"]
+    reports = json.loads((tmp_path / "artifacts" / "extract" / "tensors.json").read_text())
     assert not [r for r in reports if r["name"] in report["resized_embeddings"]]
 
     other = edited_copy(b, tmp_path / "other", lambda t: t.__setitem__(  # one more tensor differs: still refused
@@ -221,6 +221,8 @@ def test_nonexistent_local_path(source):
 def stage_cli(stage: str, cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`python -m stages.<stage> [overrides]` run as a user runs it, from a directory holding params.yaml."""
     (cwd / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (cwd / "conf").mkdir(exist_ok=True)
+    (cwd / "conf" / "paths.yaml").write_text((REPO / "conf" / "paths.yaml").read_text())
     return subprocess.run([sys.executable, "-m", f"stages.{stage}", *overrides], cwd=cwd,
                           env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True)
 

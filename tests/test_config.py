@@ -1,29 +1,46 @@
+"""The configuration: conf/ composes into params.yaml as DVC does it, weightdiff.settings types and checks it, and
+paths are wiring outside the params."""
+
+from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
-from conftest import REPO
-from weightdiff.config import composed_conf, params_yaml, run_config
+from helpers import REPO
+from weightdiff.config import composed_conf, run_config
 from weightdiff.errors import WeightdiffError
+from weightdiff.settings import ExtractSettings, Settings, plain, typed, updated
 
 
 def test_committed_params_yaml_equals_the_composition_of_conf():
     """Plain `dvc repro` reads params.yaml; it must say what conf/ says (regenerate: python -m weightdiff.config)."""
-    assert yaml.safe_load((REPO / "params.yaml").read_text()) == yaml.safe_load(params_yaml(composed_conf(conf_dir=REPO / "conf")))
+    composed = OmegaConf.to_yaml(composed_conf(conf_dir=REPO / "conf"), resolve=True)
+    assert yaml.safe_load((REPO / "params.yaml").read_text()) == yaml.safe_load(composed)
 
 
-def test_required_keys_have_the_documented_types():
-    cfg = composed_conf(conf_dir=REPO / "conf")
-    assert isinstance(cfg.model_a, str) and isinstance(cfg.model_b, str)
-    assert cfg.extract.rank == "auto" and cfg.extract.alpha is None  # rank: an int, or auto (seeds' decision tree)
-    assert cfg.extract.target_modules == "auto" and cfg.extract.dtype in ("bf16", "fp16", "fp32")
+def test_the_schema_defaults_are_conf_values():
+    """One set of defaults: conf/config.yaml (what DVC composes) says what weightdiff.settings says."""
+    conf = OmegaConf.to_container(composed_conf(conf_dir=REPO / "conf"), resolve=True)
+    defaults = plain(Settings(model_a=conf["model_a"], model_b=conf["model_b"]))
+    defaults.pop("paths")
+    assert conf == defaults
 
 
-def test_overrides_in_hydra_syntax(tmp_path):
-    cfg = run_config(["extract.rank=8", "model_a=/data/m", "+extract.note=x", "~gguf"], params=REPO / "params.yaml")
-    assert cfg.extract.rank == 8 and cfg.model_a == "/data/m" and cfg.extract.note == "x" and "gguf" not in cfg
+def test_paths_are_not_params():
+    """dvc exp show lists params.yaml: paths live in conf/paths.yaml, which dvc.yaml reads as vars."""
+    assert "paths" not in yaml.safe_load((REPO / "params.yaml").read_text())
+    assert "conf/paths.yaml" in yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"]
+    cfg = run_config(["paths.index=/tmp/x/index.json"], params=REPO / "params.yaml")
+    assert cfg.paths.index == "/tmp/x/index.json" and cfg.paths.manifest == "artifacts/manifest.json"
+
+
+def test_overrides_in_hydra_syntax():
+    cfg = run_config(["extract.rank=8", "model_a=/data/m", "extract.extras.norms=save"], params=REPO / "params.yaml")
+    assert cfg.extract.rank == 8 and cfg.model_a == "/data/m" and cfg.extract.extras.norms == "save"
+    assert isinstance(cfg.extract, ExtractSettings)
 
 
 def test_pair_group_sets_both_models():
@@ -31,15 +48,34 @@ def test_pair_group_sets_both_models():
     assert cfg.model_a == "Qwen/Qwen2.5-0.5B" and cfg.model_b == "Qwen/Qwen2.5-0.5B-Instruct"
 
 
-def test_bad_override_is_a_user_error():
-    with pytest.raises(WeightdiffError, match="extract.rnak"):
-        run_config(["extract.rnak=8"], params=REPO / "params.yaml")
+@pytest.mark.parametrize(("override", "message"), [
+    ("extract.rnak=8", r"extract\.rnak"),
+    ("+extract.note=x", r"extract\.note: Key 'note' not in 'ExtractSettings'"),
+    ("extract.rank_policy=enrgy", r"extract\.rank_policy: Invalid value 'enrgy', expected one of \[fixed, energy, noise_floor\]"),
+    ("extract.extras.norms=lora", r"extract\.extras\.norms: Invalid value 'lora', expected one of \[skip, save\]"),
+    ("extract.svd.method=full", r"extract\.svd\.method: .*expected one of \[randomized, exact\]"),
+    ("gguf.dtype=q4", r"gguf\.dtype: .*expected one of \[f32, f16, bf16, q8_0\]"),
+    ("verify.resized_embeddings=drop", r"verify\.resized_embeddings: .*expected one of \[error, skip\]"),
+    ("extract.rank=0", r"extract\.rank must be a positive integer or auto, not 0"),
+    ("extract.svd.power_iters=many", r"extract\.svd\.power_iters must be auto or a count >= 0, not 'many'"),
+    ("extract.svd.tol=2", r"extract\.svd\.tol must be a number in \(0, 1\)"),
+    ("extract.target_modules=everything", r"extract\.target_modules must be a list of module names or one of auto"),
+])
+def test_a_wrong_value_fails_at_start_naming_the_key_and_the_choices(override, message):
+    with pytest.raises(WeightdiffError, match=message):
+        run_config([override], params=REPO / "params.yaml")
+
+
+def test_lora_bias_with_lora_embeddings_is_refused_by_the_settings():
+    with pytest.raises(WeightdiffError, match="lora_bias.*does not support Embedding"):
+        updated(typed(ExtractSettings, {}), extras={"biases": "lora", "embeddings": "lora"})
 
 
 def test_extract_checkpoints_survive_dvc_rerunning_the_stage():
-    """DVC deletes a stage's outs before running it: checkpoints inside one could never resume a killed run."""
-    from weightdiff.figures import dvc_stages
+    """DVC deletes a stage's outs before running it: a resume store inside one could never resume a killed run."""
+    from dvc.repo import Repo
 
-    checkpoints = Path(composed_conf(conf_dir=REPO / "conf").paths.checkpoints)
-    outs = [Path(o) for stage in dvc_stages(REPO / "dvc.yaml").values() for o in stage["outs"]]
+    checkpoints = Path(run_config(params=REPO / "params.yaml").paths.checkpoints)
+    with Repo(str(REPO)) as repo:
+        outs = [Path(str(o.def_path)) for stage in repo.index.stages for o in stage.outs]
     assert outs and not any(checkpoints == o or o in checkpoints.parents for o in outs)

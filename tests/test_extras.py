@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from conftest import local_manifest, validated
+from helpers import local_manifest, validated
 from weightdiff.errors import WeightdiffError
 from weightdiff.extract import extract
 from weightdiff.index import build_index
+from weightdiff.settings import updated
 
 
 def low_rank(shape, rank: int, g: torch.Generator, scale: float = 0.05) -> torch.Tensor:
@@ -47,8 +47,8 @@ def pair_with_extras(tmp_path_factory) -> tuple[Path, Path]:
 
 def run(pair, tmp_path, cfg, **extras):
     manifest = local_manifest(*pair)
-    settings = OmegaConf.merge(cfg.extract, {"rank": 8, "dtype": "fp32", "extras": extras})
-    metrics, reports = extract(build_index(manifest), manifest, settings, tmp_path / "adapter", tmp_path / "ckpt")
+    settings = updated(cfg.extract, rank=8, dtype="fp32", extras=extras)
+    metrics, reports, _ = extract(build_index(manifest), manifest, settings, tmp_path / "adapter", tmp_path / "ckpt")
     return manifest, metrics, reports, validated(manifest, tmp_path / "adapter", cfg.validate)
 
 
@@ -57,17 +57,17 @@ def test_all_extras_applied_reproduce_b(pair_with_extras, tmp_path, cfg):
                                       embeddings="save", lm_head="save")
     config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
     assert config["lora_bias"] is True and "model.norm" in config["modules_to_save"] and "lm_head" in config["modules_to_save"]
-    status = {r["name"]: r["status"] for r in reports}
-    assert status["model.embed_tokens.weight"] == "saved"
-    assert status["model.layers.0.self_attn.q_proj.bias"] == "lora_bias"
-    assert status["model.layers.1.post_attention_layernorm.weight"] == "saved"
+    action = {r["name"]: (r["action"], r.get("status")) for r in reports}
+    assert action["model.embed_tokens.weight"] == ("save", None)
+    assert action["model.layers.0.self_attn.q_proj.bias"] == ("lora", "extracted")  # as lora_B.bias
+    assert action["model.layers.1.post_attention_layernorm.weight"] == ("save", None)
     assert metrics["extras"]["skipped"] == 0 and metrics["extras"]["saved_bytes"] > 128 * 64 * 4
     assert result["kl_adapted"] < 1e-6 and result["top1_adapted"] == 1.0
 
 
 def test_skipped_extras_are_measured_and_cost_fidelity(pair_with_extras, tmp_path, cfg):
     _, metrics, reports, result = run(pair_with_extras, tmp_path, cfg)
-    skipped = {r["name"]: r for r in reports if r["status"] == "skipped"}
+    skipped = {r["name"]: r for r in reports if r["action"] == "skip"}
     assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
             "model.layers.0.self_attn.k_proj.bias"} <= set(skipped)
     assert all(r["delta_norm"] > 0 for r in skipped.values())

@@ -8,6 +8,7 @@ our users run, not by our reading of it.
 Needs llama-cpp-python (``make test`` installs it). Without it the lane is skipped, unless
 WEIGHTDIFF_REQUIRE_LLAMACPP=1 (as in CI), where it fails.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,17 +24,17 @@ from pathlib import Path
 
 import pytest
 import sentencepiece
+import tiny_moe
 import torch
+from helpers import kl_per_token, local_manifest, top1_agreement, validated
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
+from helpers import run_extract
 
-import tiny_moe
-from conftest import kl_per_token, local_manifest, top1_agreement, validated
-from test_roundtrip import run_extract
 from weightdiff.errors import WeightdiffError
+from weightdiff.evalset import seeded_batch
 from weightdiff.gguf_export import write_lora_gguf
 from weightdiff.llamacpp import load_with_adapter
-from weightdiff.evalset import seeded_batch
 
 pytestmark = pytest.mark.llamacpp
 
@@ -41,10 +42,14 @@ try:
     import llama_cpp
 except ImportError as error:
     if os.environ.get("WEIGHTDIFF_REQUIRE_LLAMACPP") == "1":
-        pytest.fail(f"WEIGHTDIFF_REQUIRE_LLAMACPP=1 but llama_cpp does not import ({error}): "
-                    "pip install -e '.[llamacpp]' (make test does)", pytrace=False)
-    pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]'; make test does)",
-                allow_module_level=True)
+        pytest.fail(
+            f"WEIGHTDIFF_REQUIRE_LLAMACPP=1 but llama_cpp does not import ({error}): "
+            "pip install -e '.[llamacpp]' (make test does)",
+            pytrace=False,
+        )
+    pytest.skip(
+        "llama-cpp-python is not installed (pip install -e '.[llamacpp]'; make test does)", allow_module_level=True
+    )
 
 # What llama.cpp's converter needs from the sdist's vendored llama.cpp.
 CONVERTER_PATHS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
@@ -82,8 +87,22 @@ def llama_cpp_source() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={version}", "-d", tmp], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"llama-cpp-python=={version}",
+                "-d",
+                tmp,
+            ],
+            check=True,
+        )
         (sdist,) = Path(tmp).glob("*.tar.gz")
         extract_converter(sdist, Path(tmp) / "llama.cpp")
         (Path(tmp) / "llama.cpp").rename(target)
@@ -105,8 +124,12 @@ def extract_converter(sdist: Path, out: Path) -> None:
 def converted(source: Path, model_dirs: list[Path]) -> None:
     """Each model directory converted to an f32 GGUF by llama.cpp's converter, beside it as ``<dir>.gguf``."""
     jobs = [str(path) for model_dir in model_dirs for path in (model_dir, gguf_of(model_dir))]
-    result = subprocess.run([sys.executable, "-c", CONVERT, str(source), *jobs],
-                            env={**os.environ, "PYTHONPATH": str(source / "gguf-py")}, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CONVERT, str(source), *jobs],
+        env={**os.environ, "PYTHONPATH": str(source / "gguf-py")},
+        capture_output=True,
+        text=True,
+    )
     if result.returncode:
         raise AssertionError(f"convert_hf_to_gguf.py failed:\n{result.stderr[-3000:]}")
 
@@ -124,8 +147,13 @@ def tokenizer_model(cfg: DictConfig) -> bytes:
     picks = torch.randint(0, len(syllables), (3000, 12, 3), generator=generator).tolist()
     lines = [" ".join("".join(syllables[i] for i in word) for word in line) for line in picks]
     model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
-                                             vocab_size=cfg.demo.tiny.vocab_size, model_type="bpe", minloglevel=2)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=cfg.demo.tiny.vocab_size,
+        model_type="bpe",
+        minloglevel=2,
+    )
     return model.getvalue()
 
 
@@ -137,7 +165,7 @@ def models(tiny_pair, tmp_path_factory, tokenizer_model, llama_cpp_source) -> di
     ``moe``: a tiny Qwen3-MoE A and B = A + PEFT's target_parameters LoRA merged, that LoRA as ``adapter``.
     """
     root = tmp_path_factory.mktemp("models")
-    for name, src in zip("ab", tiny_pair):
+    for name, src in zip("ab", tiny_pair, strict=True):
         shutil.copytree(src, root / "llama" / name)
     model_a = tiny_moe.base_model()
     peft_model = tiny_moe.peft_adapter(model_a)
@@ -149,9 +177,14 @@ def models(tiny_pair, tmp_path_factory, tokenizer_model, llama_cpp_source) -> di
     for model_dir in dirs:
         (model_dir / "tokenizer.model").write_bytes(tokenizer_model)
     converted(llama_cpp_source, dirs)
-    pairs = {pair: {key: path for name in "ab" for key, path in ((name, root / pair / name),
-                                                                  (f"{name}.gguf", gguf_of(root / pair / name)))}
-             for pair in ("llama", "moe")}
+    pairs = {
+        pair: {
+            key: path
+            for name in "ab"
+            for key, path in ((name, root / pair / name), (f"{name}.gguf", gguf_of(root / pair / name)))
+        }
+        for pair in ("llama", "moe")
+    }
     pairs["moe"]["adapter"] = root / "moe" / "adapter"
     return pairs
 
@@ -183,8 +216,12 @@ def llama_cpp_agreement(models: dict[str, Path], adapter_gguf: Path, tokens: tor
     tuned = llama_log_probs(models["b.gguf"], tokens)
     adapted = llama_log_probs(models["a.gguf"], tokens, adapter_gguf)
     base = llama_log_probs(models["a.gguf"], tokens)
-    result = {"kl_adapted": kl_per_token(tuned, adapted), "top1_adapted": top1_agreement(tuned, adapted),
-              "kl_base": kl_per_token(tuned, base), "top1_base": top1_agreement(tuned, base)}
+    result = {
+        "kl_adapted": kl_per_token(tuned, adapted),
+        "top1_adapted": top1_agreement(tuned, adapted),
+        "kl_base": kl_per_token(tuned, base),
+        "top1_base": top1_agreement(tuned, base),
+    }
     print(f"\n{adapter_gguf.name}: {result}")
     return result
 
@@ -270,15 +307,19 @@ def test_peft_moe_expert_adapter_reproduces_tuned_in_llama_cpp(moe_models, tmp_p
     result = llama_cpp_agreement(moe_models, tmp_path / "moe.gguf", tokens)
     assert_reproduces_tuned(result)
     # The expert LoRA is applied, not just loaded: without it llama.cpp is measurably off.
-    assert llama_cpp_agreement(moe_models, tmp_path / "attention_only.gguf", tokens)["kl_adapted"] \
+    assert (
+        llama_cpp_agreement(moe_models, tmp_path / "attention_only.gguf", tokens)["kl_adapted"]
         > 100 * result["kl_adapted"]
+    )
 
 
 def test_wrong_architecture_is_refused_by_llama_cpp_in_its_words(llama_models, tmp_path, cfg) -> None:
     run_extract(llama_models["a"], llama_models["b"], tmp_path / "adapter", cfg, rank=4)
-    write_lora_gguf(tmp_path / "adapter", {**base_config(llama_models), "model_type": "qwen2"},
-                    tmp_path / "qwen2.gguf")
-    with pytest.raises(WeightdiffError, match=r"llama\.cpp refused the adapter .*qwen2\.gguf.*"
-                                              r"model arch and LoRA arch mismatch") as refused:
+    write_lora_gguf(tmp_path / "adapter", {**base_config(llama_models), "model_type": "qwen2"}, tmp_path / "qwen2.gguf")
+    with pytest.raises(
+        WeightdiffError,
+        match=r"llama\.cpp refused the adapter .*qwen2\.gguf.*"
+        r"model arch and LoRA arch mismatch",
+    ) as refused:
         load_with_adapter(llama_models["a.gguf"], tmp_path / "qwen2.gguf", n_ctx=64)
     print(f"\n{refused.value}")

@@ -2,7 +2,13 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from weightdiff.lowrank import lora_factors, truncated_svd
+from weightdiff.lowrank import frobenius_norm, frobenius_norms, lora_factors, residual_norms
+from weightdiff.lowrank import truncated_svd as svd
+
+
+def truncated_svd(M, rank, method="randomized", oversample=10, power_iters=2, seed=0, tol=1e-4):
+    """weightdiff.lowrank.truncated_svd with the settings' own defaults but power_iters (2 here, auto there)."""
+    return svd(M, rank, method, oversample, power_iters, seed, tol)
 
 
 def low_rank_plus_noise(m: int, n: int, r: int, noise: float, seed: int = 0) -> torch.Tensor:
@@ -39,22 +45,24 @@ def test_factors_times_scaling_give_the_truncated_delta(scaling):
     torch.testing.assert_close(B.norm(dim=0), A.norm(dim=1), rtol=1e-4, atol=1e-6)
 
 
-def test_unknown_method_is_refused():
-    with pytest.raises(ValueError, match="randomized' or 'exact"):
-        truncated_svd(torch.eye(4), 2, method="full")
-
-
 def test_frobenius_and_residual_norms_are_accurate_on_large_matrices():
     """torch's fp32 norm() of 58M entries is 0.5% off: enough to report energy above 1."""
-    from weightdiff.lowrank import frobenius_norm, residual_norm
-
     g = torch.Generator().manual_seed(0)
     M = torch.randn(14336, 4096, generator=g)
     exact = M.double().norm().item()
     assert abs(frobenius_norm(M) - exact) / exact < 1e-6
     B, A = torch.randn(14336, 4, generator=g), torch.randn(4, 4096, generator=g)
     expected = (M.double() - 0.5 * B.double() @ A.double()).norm().item()
-    assert abs(residual_norm(M, B, A, 0.5) - expected) / expected < 1e-6
+    assert abs(residual_norms(M[None], B[None], A[None], 0.5).item() - expected) / expected < 1e-6
+
+
+def test_norms_of_a_stack_are_each_matrix_own():
+    g = torch.Generator().manual_seed(0)
+    M, B, A = torch.randn(3, 40, 70, generator=g), torch.randn(3, 40, 2, generator=g), torch.randn(3, 2, 70, generator=g)
+    for e in range(3):
+        assert frobenius_norms(M)[e].item() == pytest.approx(M[e].double().norm().item(), rel=1e-7)
+        expected = (M[e].double() - 2 * B[e].double() @ A[e].double()).norm().item()
+        assert residual_norms(M, B, A, 2.0, block=128)[e].item() == pytest.approx(expected, rel=1e-6)
 
 
 def with_spectrum(S: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -21,15 +21,18 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
 
 import tiny_moe
-from conftest import REPO, assert_streamed_equals_in_memory, local_manifest, validated
-from test_roundtrip import edited_copy, run_extract
+from helpers import REPO, assert_streamed_equals_in_memory, local_manifest, validated
+from helpers import edited_copy, run_extract
 from weightdiff.config import composed_conf
 from weightdiff.errors import WeightdiffError
-from weightdiff.experts import decompose_experts, parameter_key, peft_keys
-from weightdiff.extract import resolved_options
+from weightdiff.actions import lora_experts
+from weightdiff.decompose import Method
 from weightdiff.index import build_index
 from weightdiff.lowrank import truncated_svd
-from weightdiff.plan import Unit, indexed_modules, units
+from weightdiff.layout import ModelModules
+from weightdiff.peft_format import parameter_key, peft_keys
+from weightdiff.plan import Unit, plan_units
+from weightdiff.settings import ExtractSettings, updated
 from weightdiff.stream import Delta
 
 # 3 Gated DeltaNet layers, then full attention (q_proj 2×4×16 rows: query and output gate); 4 experts of 48.
@@ -96,9 +99,10 @@ def index_of(pair: tuple[Path, Path]) -> dict:
 def test_index_recognises_experts_on_disk_both_ways_and_hybrid_layers(qwen3_moe_pair, qwen3_5_moe_pair):
     per_expert, fused = index_of(qwen3_moe_pair)["tensors"], index_of(qwen3_5_moe_pair)["tensors"]
     gate = per_expert["model.layers.1.mlp.experts.3.gate_proj.weight"]
-    assert (gate["group"], gate["expert"], gate["kind"], gate["layer"]) == ("experts", 3, "gate_proj", 1)
+    assert (gate["group"], gate["expert"], gate["module_type"], gate["layer"]) == ("experts", 3, "gate_proj", 1)
     stacked = fused["model.language_model.layers.3.mlp.experts.gate_up_proj"]
-    assert (stacked["group"], stacked["expert"], stacked["kind"], stacked["shape"]) == ("experts", None, "gate_up_proj", [4, 96, 64])
+    assert (stacked["group"], stacked["expert"], stacked["module_type"], stacked["shape"]) == (
+        "experts", None, "experts.gate_up_proj", [4, 96, 64])
     groups = {n.removeprefix("model.language_model.layers."): t["group"] for n, t in fused.items()}
     assert groups["0.linear_attn.in_proj_qkv.weight"] == "linear_attention"
     assert groups["3.self_attn.q_proj.weight"] == "attention" and fused["model.language_model.layers.3.self_attn.q_proj.weight"]["shape"] == [128, 64]
@@ -123,7 +127,7 @@ def without_experts(adapter: Path, out: Path) -> Path:
 def test_every_expert_is_extracted_and_peft_on_a_reproduces_b(request, pair, tmp_path, cfg):
     dir_a, dir_b = request.getfixturevalue(pair)
     manifest, metrics, reports = run_extract(dir_a, dir_b, tmp_path / "adapter", cfg, rank=8)
-    experts = [r for r in reports if r["unit"] == "experts"]
+    experts = [r for r in reports if r["action"] == "lora_experts"]
     layers = json.loads((dir_a / "config.json").read_text())["num_hidden_layers"]
     assert len(experts) == 2 * layers and all(r["status"] == "extracted" and r["rank"] == 8 for r in experts)
     assert all(len(r["experts"]["energy"]) == 4 and min(r["experts"]["energy"]) > 0.999 for r in experts)
@@ -199,11 +203,12 @@ def test_experts_at_several_ranks_pad_to_one_r_in_the_layout_peft_applies(cfg):
     g = torch.Generator().manual_seed(0)
     dw = torch.stack([torch.randn(out, k, generator=g) @ torch.randn(k, inp, generator=g) * 0.01 for k in (1, 2, 3, 0)])
     param = "model.layers.0.mlp.experts.gate_up_proj"
-    settings = OmegaConf.merge(cfg.extract, {"rank": 8, "rank_policy": "energy", "energy": 0.99999, "max_rank": 8,
-                                             "alpha": 6, "dtype": "fp32", "device": "cpu"})
-    opts = resolved_options(settings, 10**6)
-    unit = Unit("experts", param, (param,))
-    (report,), factors = decompose_experts(unit, [Delta(param, dw, dw.norm().item())], opts, {param: {"dtype": "F32"}}, seed=0)
+    settings = updated(cfg.extract, rank=8, rank_policy="energy", energy=0.99999, max_rank=8, alpha=6, dtype="fp32",
+                       device="cpu")
+    unit = Unit("lora_experts", param, (param,))
+    entry = {"dtype": "F32", "layer": 0, "expert": None}
+    (report,), factors = lora_experts(unit, [Delta(param, dw, dw.norm().item())], Method.resolve(settings, 10**6),
+                                      {param: entry})
     assert report["experts"]["rank"] == [1, 2, 3, 0] and report["rank"] == 3 and report["shape"] == [E, out, inp]
     assert report["experts"]["energy"][3] == 1.0 and max(report["experts"]["rel_error"]) < 1e-5
     lora_A, lora_B = factors[parameter_key(param, "lora_A")], factors[parameter_key(param, "lora_B")]
@@ -237,21 +242,20 @@ def test_keys_nest_as_peft_saves_them(adapted):
 def test_batched_svd_of_all_experts_matches_each_expert_alone():
     g = torch.Generator().manual_seed(0)
     stack = torch.randn(6, 80, 5, generator=g) @ torch.randn(6, 5, 50, generator=g) + 1e-3 * torch.randn(6, 80, 50, generator=g)
-    batched = truncated_svd(stack, 5, "randomized", 10, 2, seed=0)
+    batched = truncated_svd(stack, 5, "randomized", 10, 2, 0, 1e-4)
     assert batched.U.shape == (6, 80, 5) and batched.Vh.shape == (6, 5, 50)
     for e in range(6):
-        alone = truncated_svd(stack[e], 5, "exact")
+        alone = truncated_svd(stack[e], 5, "exact", 10, 2, 0, 1e-4)
         assert torch.allclose(batched.S[e], alone.S, rtol=1e-4)
         assert torch.allclose(batched.U[e] @ torch.diag(batched.S[e]) @ batched.Vh[e], alone.U @ torch.diag(alone.S) @ alone.Vh, atol=1e-3)
 
 
 def planned(pair: tuple[Path, Path], target_modules) -> tuple[set[str], set[str]]:
-    """(kinds of the linear units, in-memory paths of the expert units, without layer) the targets select."""
+    """(types of the lora units, in-memory paths of the lora_experts units, without layer) the targets select."""
     entry = index_of(pair)
-    modules = indexed_modules(entry)
-    plan = units(entry["tensors"], OmegaConf.create({"target_modules": target_modules}), modules)
-    return ({u.module.rpartition(".")[2] for u in plan if u.kind == "linear"},
-            {u.module.split(".", 3)[3] for u in plan if u.kind == "experts"})
+    plan = plan_units(entry["tensors"], ExtractSettings(target_modules=target_modules), ModelModules.from_json(entry["modules"]))
+    return ({u.module.rpartition(".")[2] for u in plan if u.action == "lora"},
+            {u.module.split(".", 3)[3] for u in plan if u.action == "lora_experts"})
 
 
 def test_target_selection_by_name_and_preset(qwen3_5_moe_pair, qwen3_moe_pair):

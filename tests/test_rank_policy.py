@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from conftest import validated
-from test_roundtrip import edited_copy, run_extract
+from helpers import validated
+from helpers import edited_copy, run_extract
 from weightdiff.rank import auto_rank, energy_rank, noise_floor
 
 
@@ -33,7 +33,7 @@ def test_auto_rank_follows_the_seeds_decision_tree():
 def test_energy_policy_ranks_are_loaded_by_peft_through_patterns(tiny_pair, tmp_path, cfg):
     manifest, metrics, reports = run_extract(*tiny_pair, tmp_path / "adapter", cfg, rank_policy="energy",
                                              energy=0.99, max_rank=24)
-    linear = [r for r in reports if r["unit"] == "linear"]
+    linear = [r for r in reports if r["action"] == "lora"]
     ranks = {r["module"]: r["rank"] for r in linear}
     config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
     assert config["r"] == max(ranks.values()) and len(set(ranks.values())) > 2
@@ -48,8 +48,8 @@ def test_energy_policy_ranks_are_loaded_by_peft_through_patterns(tiny_pair, tmp_
 def test_noise_floor_finds_the_rank_of_two_merged_loras(tiny_pair, tmp_path, cfg):
     """Two r=8 LoRAs merged: signal of rank 16 per module; above it only bf16 rounding noise."""
     manifest, metrics, reports = run_extract(*tiny_pair, tmp_path / "adapter", cfg, rank_policy="noise_floor", max_rank=40)
-    assert {r["rank"] for r in reports if r["unit"] == "linear"} == {16}
-    assert all(r["singular_values"][-1] > r["noise_floor"] for r in reports if r["unit"] == "linear")
+    assert {r["rank"] for r in reports if r["action"] == "lora"} == {16}
+    assert all(r["singular_values"][-1] > r["noise_floor"] for r in reports if r["action"] == "lora")
     assert validated(manifest, tmp_path / "adapter", cfg.validate)["kl_adapted"] <= 1e-4
 
 

@@ -9,33 +9,32 @@ import sys
 import textwrap
 import time
 
-from omegaconf import OmegaConf
-
-from conftest import REPO, local_manifest
-from test_roundtrip import run_extract
+from helpers import REPO, local_manifest, run_extract
 from weightdiff.extract import extract
 from weightdiff.index import build_index
+from weightdiff.settings import plain
 
 SLOW_EXTRACT = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from omegaconf import OmegaConf
     import weightdiff.extract as ex
+    from weightdiff.settings import ExtractSettings, typed
 
-    decompose = ex.decompose
-    def slow(*args, **kwargs):  # a unit every 0.3 s: time to kill it half way
-        time.sleep(0.3)
-        return decompose(*args, **kwargs)
-    ex.decompose = slow
+    def slowed(action):
+        def slow(*args, **kwargs):  # a unit every 0.3 s: time to kill it half way
+            time.sleep(0.3)
+            return action(*args, **kwargs)
+        return slow
+    ex.ACTIONS = {name: slowed(action) for name, action in ex.ACTIONS.items()}
     manifest, index, settings = (json.loads(Path(p).read_text()) for p in sys.argv[1:4])
-    ex.extract(index, manifest, OmegaConf.create(settings), Path(sys.argv[4]), Path(sys.argv[5]))
+    ex.extract(index, manifest, typed(ExtractSettings, settings), Path(sys.argv[4]), Path(sys.argv[5]))
 """)
 
 
 def test_kill_9_half_way_then_resume_gives_identical_adapter(tiny_pair, tmp_path, cfg, caplog):
     manifest = local_manifest(*tiny_pair)
     index = build_index(manifest)
-    settings = OmegaConf.to_container(cfg.extract, resolve=True)
+    settings = plain(cfg.extract)
     for name, obj in (("manifest", manifest), ("index", index), ("settings", settings)):
         (tmp_path / f"{name}.json").write_text(json.dumps(obj))
     ckpt = tmp_path / "ckpt"

@@ -9,21 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import local_manifest, validated
+from helpers import edited_copy, local_manifest, run_extract, validated
 from weightdiff.errors import WeightdiffError
-from weightdiff.extract import extract
 from weightdiff.index import build_index
-
-
-def run_extract(dir_a: Path, dir_b: Path, out: Path, cfg, **overrides):
-    manifest = local_manifest(dir_a, dir_b)
-    settings = OmegaConf.merge(cfg.extract, overrides)
-    metrics, reports = extract(build_index(manifest), manifest, settings, out)
-    return manifest, metrics, reports
+from weightdiff.settings import plain
 
 
 @pytest.mark.parametrize("alpha", [None, 32])  # the stage's default (alpha = rank) and alpha = 2·rank
@@ -59,17 +51,6 @@ def test_low_rank_loses_measurable_fidelity(tiny_pair, tmp_path, cfg):
     assert 1e-4 < result["kl_adapted"] < result["kl_base"]
 
 
-def edited_copy(src: Path, dst: Path, edit) -> Path:
-    """A copy of a model directory whose weights went through edit(dict of tensors)."""
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(src / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
 def test_zero_delta_tensor_is_skipped_and_the_adapter_still_loads_cleanly(tiny_pair, tmp_path, cfg):
     dir_a, dir_b = tiny_pair
     a = load_file(dir_a / "model.safetensors")
@@ -87,7 +68,7 @@ def test_zero_delta_tensor_is_skipped_and_the_adapter_still_loads_cleanly(tiny_p
 def test_rank_above_dimensions_is_clamped_per_module(tiny_pair, tmp_path, cfg):
     manifest, metrics, reports = run_extract(*tiny_pair, tmp_path / "adapter", cfg, rank=100, alpha=50)
     assert metrics["tensors_clamped"] == 14
-    assert {r["rank"] for r in reports if r["unit"] == "linear"} == {64, 32}  # min(out, in): k/v project to 2 kv heads × 16
+    assert {r["rank"] for r in reports if r["action"] == "lora"} == {64, 32}  # min(out, in): k/v project to 2 kv heads × 16
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["rank_pattern"][r"model\.layers\.0\.self_attn\.k_proj"] == 32
     assert len(config["rank_pattern"]) == 14
@@ -132,12 +113,13 @@ def test_extraction_needs_no_model_code(tiny_pair, tmp_path, cfg):
     transformers' model code and building the model (~3 s of start-up each time)."""
     manifest = local_manifest(*tiny_pair)
     for name, obj in (("index", build_index(manifest)), ("manifest", manifest),
-                      ("settings", OmegaConf.to_container(cfg.extract, resolve=True) | {"rank": 4})):
+                      ("settings", plain(cfg.extract) | {"rank": 4})):
         (tmp_path / f"{name}.json").write_text(json.dumps(obj))
-    code = ("import json, sys; from pathlib import Path; from omegaconf import OmegaConf; "
-            "from weightdiff.extract import extract; "
+    code = ("import json, sys; from pathlib import Path; "
+            "from weightdiff.extract import extract; from weightdiff.settings import ExtractSettings, typed; "
             "index, manifest, settings = (json.loads(Path(sys.argv[1], n + '.json').read_text()) for n in ('index', 'manifest', 'settings')); "
-            "metrics, _ = extract(index, manifest, OmegaConf.create(settings), Path(sys.argv[1], 'adapter')); "
+            "metrics, _, _ = extract(index, manifest, typed(ExtractSettings, settings), Path(sys.argv[1], 'adapter'), "
+            "Path(sys.argv[1], 'resume')); "
             "print(metrics['tensors_extracted'], sorted(m for m in sys.modules if m.startswith('transformers')))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[1])

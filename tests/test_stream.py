@@ -1,22 +1,31 @@
 """Forming ΔW: exact against the obvious computation, in reused workspaces, with or without prefetching."""
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from weightdiff.checkpoint import TensorReader
 from weightdiff.errors import WeightdiffError
 from weightdiff.plan import Unit
+from weightdiff.safetensors_io import TensorReader
 from weightdiff.stream import BLOCK, deltas, difference_into
 
-SHAPES = {"big.weight": (BLOCK // 100 + 7, 300), "small.weight": (3, 5), "norm.weight": (11,),
-          "experts.weight": (4, 9, 13), "wide.weight": (2, BLOCK + 1)}
+SHAPES = {
+    "big.weight": (BLOCK // 100 + 7, 300),
+    "small.weight": (3, 5),
+    "norm.weight": (11,),
+    "experts.weight": (4, 9, 13),
+    "wide.weight": (2, BLOCK + 1),
+}
 
 
 @pytest.fixture
 def pair(tmp_path):
     g = torch.Generator().manual_seed(0)
     a = {n: torch.randn(s, generator=g).bfloat16() for n, s in SHAPES.items()}
-    b = {n: (w.float() + torch.randn(s, generator=g) * 1e-2).bfloat16() for (n, w), s in zip(a.items(), SHAPES.values())}
+    b = {
+        n: (w.float() + torch.randn(s, generator=g) * 1e-2).bfloat16()
+        for (n, w), s in zip(a.items(), SHAPES.values(), strict=True)
+    }
     for side, tensors in (("a", a), ("b", b)):
         (tmp_path / side).mkdir()
         save_file(tensors, tmp_path / side / "model.safetensors")
@@ -28,10 +37,14 @@ def test_deltas_are_exact_in_reused_workspaces(pair, prefetch):
     root, a, b = pair
     # small after big, big again: workspaces are reused at every size, never stale
     order = ["big.weight", "small.weight", "norm.weight", "big.weight", "experts.weight", "wide.weight", "small.weight"]
-    units = [Unit("linear", n.removesuffix(".weight"), (n,)) for n in order] + [Unit("whole", "pair", ("norm.weight", "small.weight"))]
+    units = [Unit("linear", n.removesuffix(".weight"), (n,)) for n in order] + [
+        Unit("whole", "pair", ("norm.weight", "small.weight"))
+    ]
     seen = []
-    for unit, ds in zip(units, deltas(units, TensorReader(root / "a"), TensorReader(root / "b"), prefetch=prefetch)):
-        for name, d in zip(unit.tensors, ds):
+    for unit, ds in zip(
+        units, deltas(units, TensorReader(root / "a"), TensorReader(root / "b"), prefetch=prefetch), strict=True
+    ):
+        for name, d in zip(unit.tensors, ds, strict=True):
             assert d.name == name and d.value.dtype == torch.float32
             exact = b[name].float() - a[name].float()
             assert torch.equal(d.value, exact), name

@@ -1,5 +1,6 @@
 """Layer-streamed validation: the same numbers as the whole models in memory, in the memory of one layer, on
 real text when there is a tokenizer; bad evaluation input is one clear error."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import assert_streamed_equals_in_memory, validated
 from omegaconf import OmegaConf
+from helpers import run_extract
 
-from conftest import assert_streamed_equals_in_memory, local_manifest, validated
-from test_roundtrip import run_extract
 from weightdiff import layerwise
 from weightdiff.errors import WeightdiffError
 
@@ -19,8 +20,9 @@ def test_streamed_kl_equals_in_memory_on_the_tiny_llama(tiny_pair, tmp_path, cfg
     manifest, _, _ = run_extract(*tiny_pair, tmp_path / "adapter", cfg, rank=16)
     metrics = assert_streamed_equals_in_memory(manifest, tmp_path / "adapter", cfg.validate)
     assert metrics["texts"] == "seeded ids" and metrics["kl_base"] > 1000 * metrics["kl_adapted"]
-    low = assert_streamed_equals_in_memory(*run_extract(*tiny_pair, tmp_path / "low", cfg, rank=2)[:1],
-                                           tmp_path / "low", cfg.validate)
+    low = assert_streamed_equals_in_memory(
+        *run_extract(*tiny_pair, tmp_path / "low", cfg, rank=2)[:1], tmp_path / "low", cfg.validate
+    )
     assert low["kl_adapted"] > 10 * metrics["kl_adapted"]  # a worse adapter measures worse, streamed too
 
 
@@ -48,8 +50,14 @@ def test_at_most_one_layer_is_materialised_at_a_time(tiny_pair, tmp_path, cfg, m
 
     def counting(module, path, rows):
         materialize(module, path, rows)
-        seen.append(sum(p.numel() for m in models for n, p in m.named_parameters()
-                        if not p.is_meta and not layerwise.is_adapter(n)))
+        seen.append(
+            sum(
+                p.numel()
+                for m in models
+                for n, p in m.named_parameters()
+                if not p.is_meta and not layerwise.is_adapter(n)
+            )
+        )
 
     monkeypatch.setattr(layerwise.LayerwiseModel, "__init__", remember)
     monkeypatch.setattr(layerwise, "materialize", counting)
@@ -90,7 +98,7 @@ def word_tokenizer(model_dir: Path, words: int) -> None:
 def pair_with_tokenizer(tiny_pair, tmp_path, cfg):
     """The tiny pair with a 200-word tokenizer in both directories, and its rank-16 adapter."""
     dirs = []
-    for side, src in zip("ab", tiny_pair):
+    for side, src in zip("ab", tiny_pair, strict=True):
         shutil.copytree(src, tmp_path / side)
         word_tokenizer(tmp_path / side, 200)
         dirs.append(tmp_path / side)
@@ -107,8 +115,10 @@ def test_a_tokenizer_selects_real_text_and_texts_files_are_read(pair_with_tokeni
     manifest, adapter = pair_with_tokenizer
     builtin = assert_streamed_equals_in_memory(manifest, adapter, cfg.validate)
     assert builtin["texts"] == "built-in" and builtin["tokens"] == cfg.validate.batch_size * cfg.validate.seq_len
-    records = [{"text": " ".join(f"w{(7 * k) % 150}" for k in range(300))},
-               {"messages": [{"role": "user", "content": " ".join(f"w{k % 90}" for k in range(400))}]}]
+    records = [
+        {"text": " ".join(f"w{(7 * k) % 150}" for k in range(300))},
+        {"messages": [{"role": "user", "content": " ".join(f"w{k % 90}" for k in range(400))}]},
+    ]
     own = OmegaConf.merge(cfg.validate, {"texts": str(texts_file(tmp_path / "own.jsonl", records)), "seq_len": 128})
     metrics = assert_streamed_equals_in_memory(manifest, adapter, own)
     assert metrics["texts"] == own.texts and metrics["tokens"] == own.batch_size * 128
@@ -116,27 +126,38 @@ def test_a_tokenizer_selects_real_text_and_texts_files_are_read(pair_with_tokeni
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tiny_pair, tmp_path, cfg):
     dirs = []
-    for side, src in zip("ab", tiny_pair):
+    for side, src in zip("ab", tiny_pair, strict=True):
         shutil.copytree(src, tmp_path / side)
         word_tokenizer(tmp_path / side, 300)  # the model has 256 embeddings
         dirs.append(tmp_path / side)
     manifest, _, _ = run_extract(*dirs, tmp_path / "adapter", cfg, rank=4)
-    with pytest.raises(WeightdiffError, match=r"tokenizer of .*/a does not fit the model: it has 300 tokens .*vocab_size is 256"):
+    with pytest.raises(
+        WeightdiffError, match=r"tokenizer of .*/a does not fit the model: it has 300 tokens .*vocab_size is 256"
+    ):
         validated(manifest, tmp_path / "adapter", cfg.validate)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", r"validate\.texts: .*nowhere\.jsonl does not exist"),
-    ("empty", r"validate\.texts: .*empty\.jsonl holds no text"),
-    ("short", r"short\.jsonl: 150 tokens with the tokenizer of .*, fewer than validate\.batch_size × validate\.seq_len = 4 × 128 = 512"),
-    ("malformed", r"malformed\.jsonl:2: expected"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", r"validate\.texts: .*nowhere\.jsonl does not exist"),
+        ("empty", r"validate\.texts: .*empty\.jsonl holds no text"),
+        (
+            "short",
+            r"short\.jsonl: 150 tokens with the tokenizer of .*, "
+            r"fewer than validate\.batch_size × validate\.seq_len = 4 × 128 = 512",
+        ),
+        ("malformed", r"malformed\.jsonl:2: expected"),
+    ],
+)
 def test_bad_texts_are_one_clear_error(pair_with_tokenizer, tmp_path, cfg, case, message):
     manifest, adapter = pair_with_tokenizer
-    path = {"missing": tmp_path / "nowhere.jsonl",
-            "empty": texts_file(tmp_path / "empty.jsonl", []),
-            "short": texts_file(tmp_path / "short.jsonl", [{"text": "w1 w2 w3 " * 50}]),
-            "malformed": texts_file(tmp_path / "malformed.jsonl", [{"text": "w1"}, {"prompt": "w2"}])}[case]
+    path = {
+        "missing": tmp_path / "nowhere.jsonl",
+        "empty": texts_file(tmp_path / "empty.jsonl", []),
+        "short": texts_file(tmp_path / "short.jsonl", [{"text": "w1 w2 w3 " * 50}]),
+        "malformed": texts_file(tmp_path / "malformed.jsonl", [{"text": "w1"}, {"prompt": "w2"}]),
+    }[case]
     with pytest.raises(WeightdiffError, match=message):
         validated(manifest, adapter, OmegaConf.merge(cfg.validate, {"texts": str(path)}))
 

@@ -1,12 +1,17 @@
-"""The run's configuration: params.yaml (what DVC tracks) plus Hydra overrides from the command line.
+"""The run's configuration: params.yaml (what DVC tracks) with Hydra overrides, plus conf/paths.yaml (wiring),
+checked against weightdiff.settings.
 
 Stages read params.yaml rather than composing conf/ because `dvc exp run -S` writes its composition
 there; reading conf/ again would silently drop the experiment's overrides. `python -m weightdiff.config
-[overrides]` composes conf/ into params.yaml, as DVC does, for plain `dvc repro` runs.
+[overrides]` composes conf/ into params.yaml, as DVC does, for plain `dvc repro` runs. Paths are not params:
+dvc.yaml reads conf/paths.yaml as `vars`, so they stay out of `dvc exp show`; `paths.<key>=...` overrides
+them for one stage run.
 """
+
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -14,24 +19,37 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from weightdiff.errors import WeightdiffError
+from weightdiff.settings import Settings, typed
 
 ROOT = Path.cwd()
 
 
-def composed_conf(overrides: list[str] = (), conf_dir: Path | None = None) -> DictConfig:
+def composed_conf(overrides: Sequence[str] = (), conf_dir: Path | None = None) -> DictConfig:
     """conf/config.yaml composed with overrides, exactly as `dvc exp run -S` does it."""
     return _compose(conf_dir or ROOT / "conf", "config", overrides)
 
 
-def run_config(overrides: list[str] = (), params: Path | None = None) -> DictConfig:
-    """params.yaml with Hydra overrides (key=v, +key=v, ~key) applied: the configuration a stage runs with."""
+def run_config(overrides: Sequence[str] = (), params: Path | None = None) -> Settings:
+    """params.yaml with Hydra overrides (key=v, +key=v, ~key) applied, and the paths: what a stage runs with."""
     params = params or ROOT / "params.yaml"
     if not params.is_file():
         raise WeightdiffError(f"{params} not found: run stages from the repository root")
-    return _compose(params.parent, params.stem, overrides)
+    path_overrides = [o for o in overrides if _key(o).startswith("paths.")]
+    cfg = _compose(params.parent, params.stem, [o for o in overrides if o not in path_overrides])
+    paths_yaml = params.parent / "conf" / "paths.yaml"
+    if not paths_yaml.is_file():
+        raise WeightdiffError(f"{paths_yaml} not found: run stages from the repository root")
+    paths = OmegaConf.load(paths_yaml)
+    paths = OmegaConf.merge(paths, OmegaConf.from_dotlist([o.lstrip("+") for o in path_overrides]))
+    OmegaConf.set_struct(cfg, False)  # Hydra's composition admits no new keys; the schema checks them instead
+    return typed(Settings, OmegaConf.merge(cfg, paths))
 
 
-def _compose(config_dir: Path, name: str, overrides: list[str]) -> DictConfig:
+def _key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0]
+
+
+def _compose(config_dir: Path, name: str, overrides: Sequence[str]) -> DictConfig:
     try:
         with initialize_config_dir(str(config_dir.resolve()), version_base="1.3"):
             cfg = compose(name, overrides=list(overrides))
@@ -43,11 +61,6 @@ def _compose(config_dir: Path, name: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def params_yaml(cfg: DictConfig) -> str:
-    """The YAML text of params.yaml for a composed configuration."""
-    return OmegaConf.to_yaml(cfg, resolve=True)
-
-
 if __name__ == "__main__":
-    (ROOT / "params.yaml").write_text(params_yaml(composed_conf(sys.argv[1:])))
+    (ROOT / "params.yaml").write_text(OmegaConf.to_yaml(composed_conf(sys.argv[1:]), resolve=True))
     print(f"wrote {ROOT / 'params.yaml'}")

@@ -10,26 +10,28 @@ module, and a rank-2·lora_rank adapter must reproduce B almost exactly. The bas
 synthetic "language" (a random bigram chain) so that its predictions are peaked, as a real LM's are; each
 variant then learns a different chain, so B is measurably different from A.
 """
+
 from __future__ import annotations
 
 import copy
 import shutil
-import tempfile
 from pathlib import Path
+from typing import cast
 
 import torch
-from omegaconf import DictConfig
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from weightdiff.errors import WeightdiffError
+from weightdiff.files import fresh_directory
+from weightdiff.settings import DemoSettings, SmolLM2Demo, TinyDemo
 
 # Part of the demo cache key, per kind: bump one whenever its recipe below changes its output.
 RECIPE_VERSIONS = {"tiny": 2, "smollm2": 1}
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_pair(out_dir: Path, settings: DictConfig, base: Path | None = None) -> tuple[Path, Path]:
+def make_pair(out_dir: Path, settings: DemoSettings, base: Path | None = None) -> tuple[Path, Path]:
     """Writes out_dir/a and out_dir/b for the kind settings.pair names; atomic, so a crash leaves nothing.
 
     base: for smollm2, an already converted SmolLM2 folder (weightdiff.pretrained.smollm2) to copy as A
@@ -40,24 +42,18 @@ def make_pair(out_dir: Path, settings: DictConfig, base: Path | None = None) -> 
         raise WeightdiffError(f"demo.pair={settings.pair!r}: use one of {', '.join(RECIPE_VERSIONS)}")
     if (out_dir / "a").is_dir() and (out_dir / "b").is_dir():
         return out_dir / "a", out_dir / "b"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with fresh_directory(out_dir) as tmp:
         if settings.pair == "tiny":
             tiny_pair(tmp, settings.tiny, settings.seed)
         else:
             smollm2_pair(tmp, settings.smollm2, settings.seed, base)
-        tmp.chmod(0o755)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / "a", out_dir / "b"
 
 
 # --- smollm2: a real model and a LoRA fine-tune of it on real text ---------------------------------------
 
-def smollm2_pair(tmp: Path, settings: DictConfig, seed: int, base: Path | None = None) -> None:
+
+def smollm2_pair(tmp: Path, settings: SmolLM2Demo, seed: int, base: Path | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from weightdiff import pretrained
@@ -67,15 +63,16 @@ def smollm2_pair(tmp: Path, settings: DictConfig, seed: int, base: Path | None =
     else:
         shutil.copytree(base, tmp / "a")
     tokenizer = AutoTokenizer.from_pretrained(tmp / "a")
-    model = AutoModelForCausalLM.from_pretrained(tmp / "a", dtype=torch.float32)
+    model_a = AutoModelForCausalLM.from_pretrained(tmp / "a", dtype=torch.float32)
     torch.manual_seed(seed)
-    lora = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, target_modules=LINEAR_MODULES,
-                      lora_dropout=0.0)
-    model = get_peft_model(model, lora)
+    lora = LoraConfig(
+        r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, target_modules=LINEAR_MODULES, lora_dropout=0.0
+    )
+    peft_model = get_peft_model(model_a, lora)
     batches = text_batches(tokenizer, seed, settings.steps, settings.batch_size, settings.seq_len)
-    train(model, model.parameters(), batches, settings.learning_rate)
-    model = model.merge_and_unload().eval()
-    model.to(torch.bfloat16).save_pretrained(tmp / "b")
+    train(peft_model, peft_model.parameters(), batches, settings.learning_rate)
+    merged = cast(PreTrainedModel, peft_model.merge_and_unload())
+    merged.eval().bfloat16().save_pretrained(tmp / "b")
     tokenizer.save_pretrained(tmp / "b")
 
 
@@ -90,21 +87,24 @@ def text_batches(tokenizer, seed: int, steps: int, batch: int, seq: int) -> list
         ids += tokenizer(topics[name], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     windows = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)
     if len(windows) < steps * batch:
-        raise WeightdiffError(f"demo.smollm2: {steps} steps × {batch} × {seq} tokens need {steps * batch * seq:,} "
-                              f"tokens, pydoc_data.topics has {len(ids):,}")
+        raise WeightdiffError(
+            f"demo.smollm2: {steps} steps × {batch} × {seq} tokens need {steps * batch * seq:,} "
+            f"tokens, pydoc_data.topics has {len(ids):,}"
+        )
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[: steps * batch]
     return list(windows[order].view(steps, batch, seq))
 
 
 # --- tiny: two LoRA fine-tunes of a tiny random Llama -------------------------------------------------------
 
-def tiny_pair(tmp: Path, settings: DictConfig, seed: int) -> None:
+
+def tiny_pair(tmp: Path, settings: TinyDemo, seed: int) -> None:
     base = base_model(settings, seed)
     for name, variant_seed in (("a", seed + 1), ("b", seed + 2)):
-        lora_finetune(base, settings, variant_seed).to(torch.bfloat16).save_pretrained(tmp / name)
+        lora_finetune(base, settings, variant_seed).bfloat16().save_pretrained(tmp / name)
 
 
-def base_model(settings: DictConfig, seed: int) -> LlamaForCausalLM:
+def base_model(settings: TinyDemo, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=settings.hidden_size,
@@ -117,8 +117,12 @@ def base_model(settings: DictConfig, seed: int) -> LlamaForCausalLM:
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    train(model, model.parameters(), bigram_batches(settings.vocab_size, seed, settings.base_steps),
-          settings.learning_rate)
+    train(
+        model,
+        model.parameters(),
+        bigram_batches(settings.vocab_size, seed, settings.base_steps),
+        settings.learning_rate,
+    )
     return model.eval()
 
 
@@ -150,12 +154,21 @@ def bigram_batches(vocab: int, seed: int, steps: int, batch: int = 8, seq: int =
     return batches
 
 
-def lora_finetune(base: LlamaForCausalLM, settings: DictConfig, seed: int) -> LlamaForCausalLM:
+def lora_finetune(base: LlamaForCausalLM, settings: TinyDemo, seed: int) -> LlamaForCausalLM:
     """A merged LoRA fine-tune of a copy of base: W + (α/r)·B·A with B, A trained a few steps."""
     torch.manual_seed(seed)
-    lora = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, target_modules=LINEAR_MODULES,
-                      lora_dropout=0.0, init_lora_weights="gaussian")
+    lora = LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=2 * settings.lora_rank,
+        target_modules=LINEAR_MODULES,
+        lora_dropout=0.0,
+        init_lora_weights="gaussian",
+    )
     model = get_peft_model(copy.deepcopy(base), lora)
-    train(model, model.parameters(), bigram_batches(base.config.vocab_size, seed, settings.train_steps),
-          settings.learning_rate)
-    return model.merge_and_unload().eval()
+    train(
+        model,
+        model.parameters(),
+        bigram_batches(base.config.vocab_size, seed, settings.train_steps),
+        settings.learning_rate,
+    )
+    return cast(LlamaForCausalLM, model.merge_and_unload()).eval()

@@ -10,6 +10,7 @@ reached), and files already in the cache are never fetched again. A killed run's
 resumed (huggingface_hub 2.x writes each attempt to a fresh temporary file, huggingface/huggingface_hub#4196):
 the rerun fetches that file again from its start, so a kill costs at most the shards in flight.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,6 @@ from pathlib import Path
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-from omegaconf import DictConfig, OmegaConf
 
 try:  # the HTTP client under huggingface_hub (httpx2 from 2.x, httpx in 1.x); its RequestError is no OSError
     from httpx2 import RequestError
@@ -31,6 +31,7 @@ except ImportError:
 
 from weightdiff.errors import WeightdiffError
 from weightdiff.files import existing_ancestor
+from weightdiff.settings import DemoSettings, Settings, plain
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -62,11 +63,11 @@ def parse_source(text: str) -> Source:
     return Source("hub", repo, revision or None)
 
 
-def cache_root(cfg: DictConfig) -> Path:
+def cache_root(cfg: Settings) -> Path:
     return Path(cfg.download.cache_dir or hf_constants.HF_HUB_CACHE).expanduser()
 
 
-def demo_pair(cfg: DictConfig) -> tuple[Path, Path]:
+def demo_pair(cfg: Settings) -> tuple[Path, Path]:
     """The demo pair's directories, built on first use in a directory keyed by the demo settings and recipe, so
     changing either builds a new pair instead of reusing a stale one.
 
@@ -78,19 +79,21 @@ def demo_pair(cfg: DictConfig) -> tuple[Path, Path]:
     return demo.make_pair(cache_root(cfg) / "weightdiff-demo" / demo_key(cfg.demo), cfg.demo)
 
 
-def demo_key(settings: DictConfig) -> str:
+def demo_key(settings: DemoSettings) -> str:
     """The demo pair's cache directory name: a hash of the settings and recipe version its output depends on."""
     from weightdiff import demo
 
-    kind = settings.pair
-    if kind not in demo.RECIPE_VERSIONS:
-        raise WeightdiffError(f"demo.pair={kind!r}: use one of {', '.join(demo.RECIPE_VERSIONS)}")
-    recipe = {"pair": kind, "seed": settings.seed, kind: OmegaConf.to_container(settings[kind], resolve=True),
-              "recipe": demo.RECIPE_VERSIONS[kind]}
+    kind = str(settings.pair)
+    recipe = {
+        "pair": kind,
+        "seed": settings.seed,
+        kind: plain(getattr(settings, kind)),
+        "recipe": demo.RECIPE_VERSIONS[kind],
+    }
     return f"{kind}-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def resolve(source: Source, cfg: DictConfig) -> dict:
+def resolve(source: Source, cfg: Settings) -> dict:
     """The manifest entry for one source, fetching Hub files or building the demo pair as needed."""
     if source.kind == "demo":
         path = demo_pair(cfg)[source.ref == "b"]
@@ -102,7 +105,7 @@ def resolve(source: Source, cfg: DictConfig) -> dict:
     return {"kind": "hub", "path": str(path), "revision": path.name, "files": file_list(path, with_mtime=False)}
 
 
-def hub_snapshot(source: Source, cfg: DictConfig) -> Path:
+def hub_snapshot(source: Source, cfg: Settings) -> Path:
     """The snapshot directory of the commit the revision names now; its name is that commit's sha.
 
     Fetched by the revision's own name (not the sha found first) so that the cache records the branch or
@@ -110,20 +113,35 @@ def hub_snapshot(source: Source, cfg: DictConfig) -> Path:
     """
     sha = hub_commit(source)
     try:
-        return Path(snapshot_download(source.ref, revision=source.revision, allow_patterns=list(cfg.download.allow_patterns),
-                                      cache_dir=cfg.download.cache_dir))
+        return Path(
+            snapshot_download(
+                source.ref,
+                revision=source.revision,
+                allow_patterns=list(cfg.download.allow_patterns),
+                cache_dir=cfg.download.cache_dir,
+            )
+        )
     except HUB_ERRORS as e:
         raise WeightdiffError(f"download of {source.ref}@{sha} failed: {e}") from e
 
 
-def cached_snapshot(source: Source, cfg: DictConfig) -> Path:
+def cached_snapshot(source: Source, cfg: Settings) -> Path:
     """With HF_HUB_OFFLINE=1: the snapshot the cache already holds for the revision, without any request."""
     try:
-        return Path(snapshot_download(source.ref, revision=source.revision, allow_patterns=list(cfg.download.allow_patterns),
-                                      cache_dir=cfg.download.cache_dir, local_files_only=True))
+        return Path(
+            snapshot_download(
+                source.ref,
+                revision=source.revision,
+                allow_patterns=list(cfg.download.allow_patterns),
+                cache_dir=cfg.download.cache_dir,
+                local_files_only=True,
+            )
+        )
     except (*HUB_ERRORS, ValueError) as e:
-        raise WeightdiffError(f"HF_HUB_OFFLINE is set and the cache has no snapshot of "
-                              f"{source.ref}@{source.revision or 'main'} ({type(e).__name__}: {e})") from e
+        raise WeightdiffError(
+            f"HF_HUB_OFFLINE is set and the cache has no snapshot of "
+            f"{source.ref}@{source.revision or 'main'} ({type(e).__name__}: {e})"
+        ) from e
 
 
 def hub_commit(source: Source) -> str:
@@ -133,12 +151,17 @@ def hub_commit(source: Source) -> str:
     except HUB_ERRORS as e:
         raise WeightdiffError(
             f"cannot resolve {source.ref}@{source.revision or 'main'} on the Hub ({type(e).__name__}: {e}); "
-            "if you meant a local directory, it does not exist") from e
+            "if you meant a local directory, it does not exist"
+        ) from e
+    if info.sha is None:  # always sent by the Hub, but optional in huggingface_hub's types
+        raise WeightdiffError(f"{source.ref}@{source.revision or 'main'}: the Hub returned no commit hash")
     names = [s.rfilename for s in info.siblings or []]
     if not any(n.endswith(".safetensors") for n in names):
         pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
-        raise WeightdiffError(f"{source.ref}@{info.sha} has no safetensors weights"
-                              + (f" (only pickle files {pickles[:3]}, which weightdiff never unpickles)" if pickles else ""))
+        raise WeightdiffError(
+            f"{source.ref}@{info.sha} has no safetensors weights"
+            + (f" (only pickle files {pickles[:3]}, which weightdiff never unpickles)" if pickles else "")
+        )
     return info.sha
 
 
@@ -147,25 +170,32 @@ def file_list(model_dir: Path, with_mtime: bool) -> list[dict]:
     files = sorted({p for pattern in USED_FILES for p in model_dir.glob(pattern)})
     if not (model_dir / "config.json").is_file():
         raise WeightdiffError(f"{model_dir} has no config.json")
-    return [{"name": p.name, "size": p.stat().st_size} | ({"mtime_ns": p.stat().st_mtime_ns} if with_mtime else {})
-            for p in files]
+    return [
+        {"name": p.name, "size": p.stat().st_size} | ({"mtime_ns": p.stat().st_mtime_ns} if with_mtime else {})
+        for p in files
+    ]
 
 
-def missing_files(source: Source, sha: str, cfg: DictConfig) -> dict[str, int]:
+def missing_files(source: Source, sha: str, cfg: Settings) -> dict[str, int]:
     """Snapshot path → size of each allowed file at commit sha that the cache does not hold yet.
 
     huggingface_hub's own dry run decides, so a file counts as held exactly when the download would skip it
     (its blob already fetched, even for another commit). Sizes come from the Hub's file metadata.
     """
     try:
-        plan = snapshot_download(source.ref, revision=sha, allow_patterns=list(cfg.download.allow_patterns),
-                                 cache_dir=cfg.download.cache_dir, dry_run=True)
+        plan = snapshot_download(
+            source.ref,
+            revision=sha,
+            allow_patterns=list(cfg.download.allow_patterns),
+            cache_dir=cfg.download.cache_dir,
+            dry_run=True,
+        )
     except HUB_ERRORS as e:
         raise WeightdiffError(f"cannot list the files of {source.ref}@{sha} ({type(e).__name__}: {e})") from e
     return {f.local_path: f.file_size or 0 for f in plan if f.will_download}
 
 
-def check_free_space(sources: list[Source], cfg: DictConfig) -> None:
+def check_free_space(sources: list[Source], cfg: Settings) -> None:
     """Before any weight is fetched: the missing files of all Hub sources together must fit in the cache.
 
     Checking both models up front is the point: finding out that B does not fit after A's 70 GB arrived
@@ -181,12 +211,13 @@ def check_free_space(sources: list[Source], cfg: DictConfig) -> None:
         raise WeightdiffError(
             f"not enough disk space: {len(missing)} files still to download need {needed:,} bytes "
             f"({needed / 1e9:.1f} GB), {directory} has {free:,} bytes ({free / 1e9:.1f} GB) free; free some space "
-            "or point download.cache_dir (or HF_HUB_CACHE) at a larger disk")
+            "or point download.cache_dir (or HF_HUB_CACHE) at a larger disk"
+        )
 
 
-def manifest(cfg: DictConfig) -> dict:
-    sources = {side: parse_source(cfg[side]) for side in ("model_a", "model_b")}
+def manifest(cfg: Settings) -> dict:
+    sources = {side: parse_source(getattr(cfg, side)) for side in ("model_a", "model_b")}
     hub = [s for s in sources.values() if s.kind == "hub"]
     if hub and not hf_constants.HF_HUB_OFFLINE:
         check_free_space(hub, cfg)
-    return {side: {"source": cfg[side]} | resolve(source, cfg) for side, source in sources.items()}
+    return {side: {"source": getattr(cfg, side)} | resolve(source, cfg) for side, source in sources.items()}

@@ -6,6 +6,7 @@ Chat records are rendered with the tokenizer's chat template when it has one. Re
 so that every kind reaches the evaluated windows, then tokenized, concatenated and cut into
 `batch_size` windows of `seq_len` tokens: teacher-forced, no sampling.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,12 @@ def read_records(path: Path) -> list[dict]:
                 record = json.loads(line)
             except ValueError as e:
                 raise WeightdiffError(f"{path}:{number}: not a JSON object ({e})") from e
-            if not isinstance(record, dict) or not (isinstance(record.get("text"), str) or isinstance(record.get("messages"), list)):
-                raise WeightdiffError(f"{path}:{number}: expected {{\"text\": \"...\"}} or {{\"messages\": [...]}}, "
-                                      f"found {line[:80]!r}")
+            if not isinstance(record, dict) or not (
+                isinstance(record.get("text"), str) or isinstance(record.get("messages"), list)
+            ):
+                raise WeightdiffError(
+                    f'{path}:{number}: expected {{"text": "..."}} or {{"messages": [...]}}, found {line[:80]!r}'
+                )
             records.append(record)
     if not records:
         raise WeightdiffError(f"validate.texts: {path} holds no text")
@@ -57,7 +61,9 @@ def record_ids(record: dict, tokenizer) -> list[int]:
     return tokenizer("\n\n".join(f"{m['role']}: {m['content']}" for m in record["messages"]))["input_ids"]
 
 
-def text_batch(path: Path, tokenizer_dir: Path, vocab_size: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
+def text_batch(
+    path: Path, tokenizer_dir: Path, vocab_size: int, batch_size: int, seq_len: int, seed: int
+) -> torch.Tensor:
     """[batch_size, seq_len] token ids of real text, or an error naming the file and the numbers."""
     from transformers import AutoTokenizer
 
@@ -67,13 +73,17 @@ def text_batch(path: Path, tokenizer_dir: Path, vocab_size: int, batch_size: int
     ids = [i for record in records for i in record_ids(record, tokenizer)]
     needed = batch_size * seq_len
     if len(ids) < needed:
-        raise WeightdiffError(f"{path}: {len(ids)} tokens with the tokenizer of {tokenizer_dir}, fewer than "
-                              f"validate.batch_size × validate.seq_len = {batch_size} × {seq_len} = {needed}: "
-                              "give more text or ask for less")
+        raise WeightdiffError(
+            f"{path}: {len(ids)} tokens with the tokenizer of {tokenizer_dir}, fewer than "
+            f"validate.batch_size × validate.seq_len = {batch_size} × {seq_len} = {needed}: "
+            "give more text or ask for less"
+        )
     top = max(ids[:needed])
     if top >= vocab_size or len(tokenizer) > vocab_size:
-        raise WeightdiffError(f"the tokenizer of {tokenizer_dir} does not fit the model: it has {len(tokenizer)} tokens "
-                              f"(ids up to {top} in {path}), the model's vocab_size is {vocab_size}")
+        raise WeightdiffError(
+            f"the tokenizer of {tokenizer_dir} does not fit the model: it has {len(tokenizer)} tokens "
+            f"(ids up to {top} in {path}), the model's vocab_size is {vocab_size}"
+        )
     return torch.tensor(ids[:needed]).view(batch_size, seq_len)
 
 
@@ -84,10 +94,14 @@ def seeded_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int) -> t
 
 def evaluation_batch(model_dir: Path, vocab_size: int, settings) -> tuple[torch.Tensor, str]:
     """(token ids, where they came from: the texts file, or 'seeded ids')."""
-    texts = settings.get("texts")
+    texts = settings.texts
     if texts is None and not has_tokenizer(model_dir):
         return seeded_batch(vocab_size, settings.batch_size, settings.seq_len, settings.seed), "seeded ids"
     if not has_tokenizer(model_dir):
-        raise WeightdiffError(f"validate.texts={texts} needs a tokenizer, and {model_dir} has none of {', '.join(TOKENIZER_FILES)}")
+        raise WeightdiffError(
+            f"validate.texts={texts} needs a tokenizer, and {model_dir} has none of {', '.join(TOKENIZER_FILES)}"
+        )
     path = Path(texts) if texts is not None else BUILTIN
-    return text_batch(path, model_dir, vocab_size, settings.batch_size, settings.seq_len, settings.seed), str(texts or "built-in")
+    return text_batch(path, model_dir, vocab_size, settings.batch_size, settings.seq_len, settings.seed), str(
+        texts or "built-in"
+    )

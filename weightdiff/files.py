@@ -1,13 +1,15 @@
 """Writes that never leave a file looking complete when they were not: temp name in the same directory, then rename."""
+
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from safetensors import SafetensorError
 
@@ -40,6 +42,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
+@contextmanager
+def fresh_directory(path: Path) -> Iterator[Path]:
+    """A temporary directory beside `path` to fill; it replaces `path` only if the block completes, so a crash
+    leaves the earlier `path` (or none), never a half-written one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp's 0o700 would keep the result from other users
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def existing_ancestor(path: Path) -> Path:
     """path itself or its nearest ancestor that exists: where a directory not made yet would be made."""
     return next(p for p in (path, *path.parents) if p.exists())
@@ -68,7 +85,7 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
-def read_json(path: Path):
+def read_json(path: str | Path):
     """An upstream stage's output; a missing one means the stages ran out of order."""
     try:
         return json.loads(Path(path).read_text())
@@ -84,10 +101,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     write_atomic(path, ("\n".join(lines) + "\n").encode())
 
 
-def read_csv(path: Path) -> list[dict]:
+def read_csv(path: str | Path) -> list[dict]:
     """Rows of a table write_csv wrote, numbers parsed (int where they are whole in the file, else float)."""
     try:
         with open(path, newline="") as f:
-            return [{k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            return [
+                {k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in row.items()}
+                for row in csv.DictReader(f)
+            ]
     except FileNotFoundError as e:
         raise WeightdiffError(f"{path} not found: run the stage that writes it first (dvc repro does)") from e

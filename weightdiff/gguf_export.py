@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +42,13 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, MODEL_ARCH, MODEL_TENSOR
+from gguf import MODEL_ARCH, MODEL_TENSOR, GGMLQuantizationType
 from safetensors import safe_open
 
-from weightdiff.adapter import PREFIX as PEFT_PREFIX
 from weightdiff.errors import WeightdiffError
 from weightdiff.files import atomic_path
+from weightdiff.peft_format import PREFIX as PEFT_PREFIX
+from weightdiff.peft_format import is_target, pattern_value
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +138,12 @@ def write_lora_gguf(adapter_dir: Path, model_config: dict, out_path: Path, dtype
         factors = planned_factors(handle, adapter_config, model_config, arch, requested_type)
         write_gguf(tmp_path, arch, factors, handle)
 
-    summary = {"arch": gguf.MODEL_ARCH_NAMES[arch], "tensors": len(factors),
-               "bytes": out_path.stat().st_size, "dtype": dtype}
+    summary = {
+        "arch": gguf.MODEL_ARCH_NAMES[arch],
+        "tensors": len(factors),
+        "bytes": out_path.stat().st_size,
+        "dtype": dtype,
+    }
     logger.info("wrote %s: %s", out_path, summary)
     return summary
 
@@ -150,7 +154,8 @@ def ggml_type_for(dtype: str) -> GGMLQuantizationType:
         return GGML_TYPE_BY_DTYPE[dtype]
     except KeyError:
         raise WeightdiffError(
-            f"unsupported GGUF dtype {dtype!r}; choose one of {', '.join(GGML_TYPE_BY_DTYPE)}") from None
+            f"unsupported GGUF dtype {dtype!r}; choose one of {', '.join(GGML_TYPE_BY_DTYPE)}"
+        ) from None
 
 
 def arch_for(model_config: dict) -> MODEL_ARCH:
@@ -159,7 +164,8 @@ def arch_for(model_config: dict) -> MODEL_ARCH:
     if model_type not in ARCH_BY_MODEL_TYPE:
         raise WeightdiffError(
             f"cannot export a LoRA GGUF for model_type {model_type!r}; "
-            f"supported model types: {', '.join(sorted(ARCH_BY_MODEL_TYPE))}")
+            f"supported model types: {', '.join(sorted(ARCH_BY_MODEL_TYPE))}"
+        )
     return ARCH_BY_MODEL_TYPE[model_type]
 
 
@@ -174,8 +180,9 @@ def adapter_config_in(adapter_dir: Path) -> dict[str, Any]:
     return config
 
 
-def planned_factors(handle: Any, adapter_config: dict, model_config: dict, arch: MODEL_ARCH,
-                    requested_type: GGMLQuantizationType) -> list[Factor]:
+def planned_factors(
+    handle: Any, adapter_config: dict, model_config: dict, arch: MODEL_ARCH, requested_type: GGMLQuantizationType
+) -> list[Factor]:
     """Every tensor of the GGUF, in write order, with its name, shape, type and transformation."""
     name_map = gguf.get_tensor_name_map(arch, model_config["num_hidden_layers"])
     factors: list[Factor] = []
@@ -189,33 +196,61 @@ def planned_factors(handle: Any, adapter_config: dict, model_config: dict, arch:
 
     fallbacks = [f.gguf_name for f in factors if f.ggml_type != requested_type]
     if fallbacks:
-        logger.info("%s needs rows that are a multiple of %d values; wrote %d tensors as f16 instead: %s",
-                    requested_type.name, gguf.GGML_QUANT_SIZES[requested_type][0], len(fallbacks),
-                    ", ".join(fallbacks))
+        logger.info(
+            "%s needs rows that are a multiple of %d values; wrote %d tensors as f16 instead: %s",
+            requested_type.name,
+            gguf.GGML_QUANT_SIZES[requested_type][0],
+            len(fallbacks),
+            ", ".join(fallbacks),
+        )
     return factors
 
 
-def linear_factors(pair: LoraPair, name_map: gguf.TensorNameMap, adapter_config: dict, model_config: dict,
-                   arch: MODEL_ARCH, requested_type: GGMLQuantizationType) -> list[Factor]:
+def linear_factors(
+    pair: LoraPair,
+    name_map: gguf.TensorNameMap,
+    adapter_config: dict,
+    model_config: dict,
+    arch: MODEL_ARCH,
+    requested_type: GGMLQuantizationType,
+) -> list[Factor]:
     """The lora_a/lora_b tensors of an adapted linear layer: PEFT's factors as they are, scale folded into B."""
     rank, scale = peft_rank_and_scaling(pair.module, adapter_config)
     if len(pair.shape_a) != 2 or len(pair.shape_b) != 2 or pair.shape_a[0] != rank or pair.shape_b[1] != rank:
         raise WeightdiffError(
             f"{pair.key_a} {list(pair.shape_a)} / {pair.key_b} {list(pair.shape_b)}: expected A [{rank}, in] and "
-            f"B [out, {rank}] for rank {rank} from {ADAPTER_CONFIG}")
+            f"B [out, {rank}] for rank {rank} from {ADAPTER_CONFIG}"
+        )
     tensor_type, base_name = base_tensor(name_map, pair.module, pair.key_a, model_config)
     rope_heads = rope_heads_for(arch, tensor_type, model_config, pair.shape_b[0], pair.key_b)
     return factor_pair(base_name, pair, pair.shape_a, pair.shape_b, scale, requested_type, rope_heads=rope_heads)
 
 
-def factor_pair(base_name: str, pair: LoraPair, shape_a: tuple[int, ...], shape_b: tuple[int, ...], scale: float,
-                requested_type: GGMLQuantizationType, rope_heads: int | None = None, n_experts: int | None = None,
-                out_rows: tuple[int, int] | None = None) -> list[Factor]:
+def factor_pair(
+    base_name: str,
+    pair: LoraPair,
+    shape_a: tuple[int, ...],
+    shape_b: tuple[int, ...],
+    scale: float,
+    requested_type: GGMLQuantizationType,
+    rope_heads: int | None = None,
+    n_experts: int | None = None,
+    out_rows: tuple[int, int] | None = None,
+) -> list[Factor]:
     """The GGUF ``.lora_a`` and ``.lora_b`` tensors for one base tensor; only lora_b carries scale and row changes."""
-    return [Factor(f"{base_name}.lora_a", pair.key_a, shape_a, stored_type(shape_a, requested_type), 1.0, None,
-                   n_experts),
-            Factor(f"{base_name}.lora_b", pair.key_b, shape_b, stored_type(shape_b, requested_type), scale,
-                   rope_heads, n_experts, out_rows)]
+    return [
+        Factor(f"{base_name}.lora_a", pair.key_a, shape_a, stored_type(shape_a, requested_type), 1.0, None, n_experts),
+        Factor(
+            f"{base_name}.lora_b",
+            pair.key_b,
+            shape_b,
+            stored_type(shape_b, requested_type),
+            scale,
+            rope_heads,
+            n_experts,
+            out_rows,
+        ),
+    ]
 
 
 def is_expert_wrapper(module: str, adapter_config: dict) -> bool:
@@ -232,8 +267,13 @@ def experts_owner(module: str) -> str:
     return module.replace(".base_layer", "")
 
 
-def expert_factors(pair: LoraPair, name_map: gguf.TensorNameMap, adapter_config: dict, model_config: dict,
-                   requested_type: GGMLQuantizationType) -> list[Factor]:
+def expert_factors(
+    pair: LoraPair,
+    name_map: gguf.TensorNameMap,
+    adapter_config: dict,
+    model_config: dict,
+    requested_type: GGMLQuantizationType,
+) -> list[Factor]:
     """The 3D lora_a/lora_b tensors of one fused expert parameter, one pair per projection llama.cpp has.
 
     PEFT's layout (``ParamWrapper``): A ``[r·E, in]`` with expert e's rows at ``e·r:(e+1)·r``,
@@ -247,7 +287,8 @@ def expert_factors(pair: LoraPair, name_map: gguf.TensorNameMap, adapter_config:
     if pair.shape_a[0] != stacked or pair.shape_b[1] != stacked:
         raise WeightdiffError(
             f"{pair.key_a} {list(pair.shape_a)} / {pair.key_b} {list(pair.shape_b)}: expected A [{stacked}, in] and "
-            f"B [out, {stacked}] for rank {rank} × {n_experts} experts")
+            f"B [out, {stacked}] for rank {rank} × {n_experts} experts"
+        )
     projections = EXPERT_PARAMETERS[parameter]
     rows = pair.shape_b[0] // len(projections)
     shape_a = (n_experts, rank, pair.shape_a[1])
@@ -255,8 +296,16 @@ def expert_factors(pair: LoraPair, name_map: gguf.TensorNameMap, adapter_config:
     factors = []
     for index, projection in enumerate(projections):
         _, base_name = base_tensor(name_map, f"{owner}.{projection}", pair.key_a, model_config)
-        factors += factor_pair(base_name, pair, shape_a, shape_b, scale, requested_type, n_experts=n_experts,
-                               out_rows=(index * rows, (index + 1) * rows))
+        factors += factor_pair(
+            base_name,
+            pair,
+            shape_a,
+            shape_b,
+            scale,
+            requested_type,
+            n_experts=n_experts,
+            out_rows=(index * rows, (index + 1) * rows),
+        )
     return factors
 
 
@@ -269,24 +318,25 @@ def expert_parameter(pair: LoraPair, adapter_config: dict, model_config: dict) -
     owner = experts_owner(pair.module)
     hidden, inter = model_config["hidden_size"], model_config["moe_intermediate_size"]
     shapes = {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)}
-    found = [name for name, shape in shapes.items()
-             if shape == (pair.shape_b[0], pair.shape_a[-1]) and is_targeted(f"{owner}.{name}", adapter_config)]
+    found = [
+        name
+        for name, shape in shapes.items()
+        if shape == (pair.shape_b[0], pair.shape_a[-1])
+        and is_target(f"{owner}.{name}", adapter_config["target_parameters"])
+    ]
     if len(found) != 1:
         raise WeightdiffError(
             f"{pair.key_a} {list(pair.shape_a)} / {pair.key_b} {list(pair.shape_b)}: not a LoRA of a fused expert "
             f"parameter listed in target_parameters ({', '.join(adapter_config['target_parameters'])}); "
-            f"expected [out, in] of " + ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items()))
+            f"expected [out, in] of " + ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items())
+        )
     return found[0]
 
 
 def experts_in(model_config: dict) -> int:
-    """Routed experts per layer: Hub Qwen3-MoE configs say ``num_experts``, transformers 5 saves ``num_local_experts``."""
+    """Routed experts per layer: Hub Qwen3-MoE configs say ``num_experts``, transformers 5 saves
+    ``num_local_experts``."""
     return model_config.get("num_local_experts") or model_config["num_experts"]
-
-
-def is_targeted(parameter: str, adapter_config: dict) -> bool:
-    """PEFT's matching of a parameter path against ``target_parameters``: equal, or ending in ``.<entry>``."""
-    return any(parameter == entry or parameter.endswith(f".{entry}") for entry in adapter_config["target_parameters"])
 
 
 def lora_modules(keys: Iterable[str]) -> list[str]:
@@ -300,21 +350,25 @@ def lora_modules(keys: Iterable[str]) -> list[str]:
         half = next((h for h, suffix in FACTOR_SUFFIXES.items() if key.endswith(suffix)), None)
         if half is None or not key.startswith(PEFT_PREFIX):
             raise unconvertible_key_error(key)
-        halves.setdefault(key[len(PEFT_PREFIX):-len(FACTOR_SUFFIXES[half])], []).append(half)
+        halves.setdefault(key[len(PEFT_PREFIX) : -len(FACTOR_SUFFIXES[half])], []).append(half)
     for module, found in halves.items():
         if sorted(found) != sorted(FACTOR_SUFFIXES):
-            raise WeightdiffError(f"{PEFT_PREFIX}{module}: needs exactly one lora_A and one lora_B weight, "
-                                  f"found {', '.join(found)}")
+            raise WeightdiffError(
+                f"{PEFT_PREFIX}{module}: needs exactly one lora_A and one lora_B weight, found {', '.join(found)}"
+            )
     return list(halves)
 
 
 def unconvertible_key_error(key: str) -> WeightdiffError:
     """The error for a tensor that is not a lora_A/lora_B weight, saying what it likely is."""
     if ".lora_" in key:
-        return WeightdiffError(f"{key}: unsupported LoRA tensor; only lora_A/lora_B weights of linear layers "
-                               f"convert to a llama.cpp LoRA GGUF")
-    return WeightdiffError(f"{key} is a full weight (modules_to_save); llama.cpp cannot apply full weights "
-                           f"from a LoRA adapter")
+        return WeightdiffError(
+            f"{key}: unsupported LoRA tensor; only lora_A/lora_B weights of linear layers "
+            f"convert to a llama.cpp LoRA GGUF"
+        )
+    return WeightdiffError(
+        f"{key} is a full weight (modules_to_save); llama.cpp cannot apply full weights from a LoRA adapter"
+    )
 
 
 def peft_rank_and_scaling(module: str, adapter_config: dict) -> tuple[int, float]:
@@ -329,14 +383,6 @@ def peft_rank_and_scaling(module: str, adapter_config: dict) -> tuple[int, float
     return int(rank), float(alpha) / divisor
 
 
-def pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
-    """The value of the first pattern that matches ``module`` the way PEFT matches it, else ``default``."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
 def base_tensor(name_map: gguf.TensorNameMap, module: str, key: str, model_config: dict) -> tuple[MODEL_TENSOR, str]:
     """The GGUF tensor the module's delta applies to, refusing ones llama.cpp could not apply it to."""
     found = name_map.get_type_and_name(module + ".weight", try_suffixes=(".weight",))
@@ -346,13 +392,14 @@ def base_tensor(name_map: gguf.TensorNameMap, module: str, key: str, model_confi
     if tensor_type == MODEL_TENSOR.TOKEN_EMBD:
         raise WeightdiffError(f"{key}: LoRA on the token embeddings is not supported in a llama.cpp LoRA GGUF export")
     if tensor_type == MODEL_TENSOR.OUTPUT and model_config.get("tie_word_embeddings"):
-        raise WeightdiffError(f"{key}: the base model ties lm_head to the embeddings, so its GGUF has no "
-                              f"{name} for llama.cpp to apply this LoRA to")
+        raise WeightdiffError(
+            f"{key}: the base model ties lm_head to the embeddings, so its GGUF has no "
+            f"{name} for llama.cpp to apply this LoRA to"
+        )
     return tensor_type, name
 
 
-def rope_heads_for(arch: MODEL_ARCH, tensor_type: MODEL_TENSOR, model_config: dict, rows: int,
-                   key: str) -> int | None:
+def rope_heads_for(arch: MODEL_ARCH, tensor_type: MODEL_TENSOR, model_config: dict, rows: int, key: str) -> int | None:
     """How many heads llama.cpp's converter splits this tensor's rows into when it reorders them, or None.
 
     Like ``LlamaModel.permute``: q uses ``num_attention_heads``, k ``num_key_value_heads``.
@@ -381,8 +428,9 @@ def write_gguf(path: Path, arch: MODEL_ARCH, factors: list[Factor], handle: Any)
         # 0: llama.cpp then applies each pair unscaled; PEFT's scaling is already folded into lora_b.
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
         for factor in factors:
-            writer.add_tensor_info(factor.gguf_name, factor.shape, np.dtype(np.float32), factor.nbytes,
-                                   raw_dtype=factor.ggml_type)
+            writer.add_tensor_info(
+                factor.gguf_name, factor.shape, np.dtype(np.float32), factor.nbytes, raw_dtype=factor.ggml_type
+            )
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -405,7 +453,8 @@ def encoded_tensor(factor: Factor, handle: Any) -> np.ndarray:
 
 
 def per_expert(data: np.ndarray, n_experts: int, is_lora_b: bool) -> np.ndarray:
-    """PEFT's stacked expert factor as llama.cpp's 3D one: A ``[r·E, in]`` -> ``[E, r, in]``, B ``[out, r·E]`` -> ``[E, out, r]``."""
+    """PEFT's stacked expert factor as llama.cpp's 3D one: A ``[r·E, in]`` -> ``[E, r, in]``,
+    B ``[out, r·E]`` -> ``[E, out, r]``."""
     if is_lora_b:
         return data.reshape(data.shape[0], -1, n_experts).transpose(2, 0, 1)
     return data.reshape(n_experts, -1, data.shape[1])

@@ -8,11 +8,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from weightdiff.checkpoint import tensor_infos
-from weightdiff.plan import in_memory, model_modules
-from weightdiff.verify import model_config
+from weightdiff.layout import in_memory, layer_of, model_modules, module_type
+from weightdiff.safetensors_io import model_config, tensor_infos
 
-LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
 EXPERT = re.compile(r"\.experts\.(\d+)\.")
 # Where a tensor sits in a block, first match wins. Routed experts come on disk per expert
 # (mlp.experts.<e>.gate_proj.weight) or fused (mlp.experts.gate_up_proj [E, 2I, H]); the router is
@@ -32,21 +30,19 @@ def tensor_group(name: str) -> str | None:
 
 
 def tensor_entry(name: str, shard: str, dtype: str, shape: tuple[int, ...]) -> dict:
-    """kind: the module's own name (q_proj, gate_proj of expert 3), or for fused experts the parameter's
-    (gate_up_proj, down_proj), which are not modules of their own."""
-    module, _, leaf = name.rpartition(".")
-    layer, expert, group = LAYER.search(name), EXPERT.search(name), tensor_group(name)
-    fused = group == "experts" and not expert
-    return {"shard": shard, "dtype": dtype, "shape": list(shape), "layer": int(layer.group(1)) if layer else None,
-            "module": module, "kind": leaf if fused else module.rpartition(".")[2], "group": group,
+    module = name.rpartition(".")[0]
+    expert, group = EXPERT.search(name), tensor_group(name)
+    fused_experts = group == "experts" and not expert  # a parameter, not a module of its own
+    return {"shard": shard, "dtype": dtype, "shape": list(shape), "layer": layer_of(name), "module": module,
+            "module_type": module_type(name if fused_experts else module), "group": group,
             "expert": int(expert.group(1)) if expert else None}
 
 
 def model_index(model_dir: Path) -> dict:
     config = model_config(model_dir)
-    modules = model_modules(config)
     tensors = {n: tensor_entry(n, i.shard, i.dtype, i.shape) for n, i in sorted(tensor_infos(model_dir).items())}
-    return {"path": str(model_dir), "config": config, "modules": modules.to_json() if modules else None,
+    modules = model_modules(config, tensors)
+    return {"path": str(model_dir), "config": config, "modules": modules.to_json(),
             "tensors": in_memory(tensors, modules)}
 
 

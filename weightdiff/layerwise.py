@@ -11,27 +11,29 @@ and in chunks of the vocabulary.
 A PEFT model is one such model with two streams, adapter disabled (A) and enabled (A + adapter), so that A's
 weights are read once for both; its adapter weights are real from the start and stay so.
 """
+
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import re
 from collections import defaultdict
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator
+from typing import Any
 
 import torch
 
-from weightdiff.checkpoint import TensorReader
 from weightdiff.errors import WeightdiffError
-from weightdiff.plan import fuse_experts, parameter_name
+from weightdiff.layout import fuse_experts, parameter_name
+from weightdiff.safetensors_io import TensorReader
 
 ROW_BUDGET = 1 << 24  # elements of embedding / LM-head rows materialised at a time (64 MB in fp32)
 LOGITS_BUDGET = 1 << 22  # elements of one stream's chunk of logits
 PEFT_WRAPPER = re.compile(r"\.(?:base_layer|original_module)(?=\.)")
 # stream name → the context a module runs in for that stream (adapter on or off), given the module
-Streams = dict[str, Callable[[torch.nn.Module], ContextManager]]
+Streams = dict[str, Callable[[torch.nn.Module], AbstractContextManager]]
 
 
 def release_freed_memory() -> None:
@@ -55,8 +57,10 @@ def skeleton(config: dict, dtype: torch.dtype) -> torch.nn.Module:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=dtype)
     except Exception as e:  # unknown model_type, remote code: nothing to run the layers with
-        raise WeightdiffError(f"transformers cannot build model_type {config.get('model_type')!r} ({e}): "
-                              "validation runs the model's own code") from e
+        raise WeightdiffError(
+            f"transformers cannot build model_type {config.get('model_type')!r} ({e}): "
+            "validation runs the model's own code"
+        ) from e
     return model.eval()
 
 
@@ -73,8 +77,9 @@ def base_path(path: str) -> str:
 class CheckpointWeights:
     """A model's in-memory parameters, read from its checkpoint through the index (renamed, experts fused)."""
 
-    def __init__(self, model_dir: Path, tensors: dict[str, dict], dtype: torch.dtype, device: str,
-                 aliases: dict[str, str]):
+    def __init__(
+        self, model_dir: Path, tensors: dict[str, dict], dtype: torch.dtype, device: str, aliases: dict[str, str]
+    ):
         self.reader = TensorReader(model_dir)
         self.tensors, self.dtype, self.device, self.aliases = tensors, dtype, device, aliases
         self.sources: dict[str, list[str]] = defaultdict(list)
@@ -86,8 +91,10 @@ class CheckpointWeights:
     def _names(self, param: str) -> list[str]:
         names = self.sources.get(self.aliases.get(param, param))
         if not names:
-            raise WeightdiffError(f"{self.reader.model_dir}: no checkpoint tensor loads into the model's parameter "
-                                  f"{param} (see the index's `module`/`param` fields)")
+            raise WeightdiffError(
+                f"{self.reader.model_dir}: no checkpoint tensor loads into the model's parameter "
+                f"{param} (see the index's `module`/`param` fields)"
+            )
         return names
 
     def _cast(self, value: torch.Tensor) -> torch.Tensor:
@@ -119,7 +126,7 @@ class CheckpointWeights:
         return torch.cat(blocks)
 
 
-def assign(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
+def assign(module: torch.nn.Module, values: Mapping[str, torch.Tensor]) -> None:
     """Puts each value in place of the parameter of that name, whatever its shape was (a slice of the vocabulary)."""
     for name, value in values.items():
         owner, _, leaf = name.rpartition(".")
@@ -129,8 +136,14 @@ def assign(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
 
 def materialize(module: torch.nn.Module, path: str, rows: Callable[[str], torch.Tensor]) -> None:
     """Gives every base parameter of `module` still on the meta device its value, `rows(in-memory name)`."""
-    assign(module, {name: rows(base_path(f"{path}.{name}")) for name, p in module.named_parameters(remove_duplicate=False)
-                    if p.is_meta and not is_adapter(name)})
+    assign(
+        module,
+        {
+            name: rows(base_path(f"{path}.{name}"))
+            for name, p in module.named_parameters(remove_duplicate=False)
+            if p.is_meta and not is_adapter(name)
+        },
+    )
 
 
 def base_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -158,29 +171,43 @@ class LayerwiseModel:
 
     def __init__(self, model: torch.nn.Module, weights: CheckpointWeights, streams: Streams):
         self.model, self.weights, self.streams = model, weights, streams
-        self.decoder = model.base_model
-        self.layers = getattr(self.decoder, "layers", None)
-        if not isinstance(self.layers, torch.nn.ModuleList):
-            raise WeightdiffError(f"{type(model).__name__}: no decoder layers at `{type(self.decoder).__name__}.layers`; "
-                                  "validation cannot run this architecture a layer at a time")
+        hf: Any = model  # a transformers (or PEFT) model: what it adds to torch.nn.Module is not typed there
+        self.decoder: torch.nn.Module = hf.base_model
+        layers = getattr(self.decoder, "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList):
+            raise WeightdiffError(
+                f"{type(model).__name__}: no decoder layers at `{type(self.decoder).__name__}.layers`; "
+                "validation cannot run this architecture a layer at a time"
+            )
+        self.layers = layers
         paths = {id(m): n for n, m in model.named_modules()}
         self.layer_paths = [paths[id(layer)] for layer in self.layers]
-        self.input_path = paths[id(model.get_input_embeddings())]
-        self.output_path = paths[id(model.get_output_embeddings())]
-        self.vocab_size = model.config.get_text_config().vocab_size
-        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        self.input_path = paths[id(hf.get_input_embeddings())]
+        self.output_path = paths[id(hf.get_output_embeddings())]
+        self.vocab_size: int = hf.config.get_text_config().vocab_size
+        self.softcap = getattr(hf.config.get_text_config(), "final_logit_softcapping", None)
         self.calls: list[tuple[tuple, dict]] = []
         for module in model.modules():  # rotary frequencies and other buffers are real: move them
             for key, buffer in module._buffers.items():
                 if buffer is not None:
                     module._buffers[key] = buffer.to(weights.device)
         apart = tuple(base_path(p) + "." for p in (*self.layer_paths, self.input_path, self.output_path))
-        assign(model, {name: weights.get(base_path(name)) for name, p in base_parameters(model).items()
-                       if p.is_meta and not base_path(name).startswith(apart)})  # the final norm and other globals
+        assign(
+            model,
+            {
+                name: weights.get(base_path(name))
+                for name, p in base_parameters(model).items()
+                if p.is_meta and not base_path(name).startswith(apart)
+            },
+        )  # the final norm and other globals
 
     @contextmanager
-    def _materialized(self, path: str, rows: Callable[[str], torch.Tensor],
-                      adapter_rows: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> Iterator[torch.nn.Module]:
+    def _materialized(
+        self,
+        path: str,
+        rows: Callable[[str], torch.Tensor],
+        adapter_rows: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    ) -> Iterator[torch.nn.Module]:
         """The module at `path` with its base weights `rows(in-memory name)` (adapter factors of vocabulary size
         sliced by `adapter_rows`), its parameters as they were (base ones on the meta device) afterwards."""
         module = self.model.get_submodule(path)
@@ -188,8 +215,14 @@ class LayerwiseModel:
         try:
             materialize(module, path, rows)
             if adapter_rows is not None:
-                assign(module, {name: adapter_rows(p, list(p.shape).index(self.vocab_size))
-                                for name, p in originals.items() if is_adapter(name) and self.vocab_size in p.shape})
+                assign(
+                    module,
+                    {
+                        name: adapter_rows(p, list(p.shape).index(self.vocab_size))
+                        for name, p in originals.items()
+                        if is_adapter(name) and self.vocab_size in p.shape
+                    },
+                )
             yield module
         finally:
             assign(module, originals)
@@ -212,8 +245,9 @@ class LayerwiseModel:
     def embed(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each stream's input embeddings, from the embedding rows of the tokens in the batch only."""
         used, inverse = torch.unique(ids, return_inverse=True)
-        with self._materialized(self.input_path, lambda p: self.weights.gather(p, used),
-                                lambda t, dim: t.index_select(dim, used)) as module:
+        with self._materialized(
+            self.input_path, lambda p: self.weights.gather(p, used), lambda t, dim: t.index_select(dim, used)
+        ) as module:
             embeddings = [m for m in module.modules() if isinstance(m, torch.nn.Embedding)]
             padding = [m.padding_idx for m in embeddings]
             for m in embeddings:  # padding_idx only shapes gradients, and it indexes rows no longer there
@@ -221,7 +255,7 @@ class LayerwiseModel:
             try:
                 return {stream: self._run(module, stream, inverse.to(self.weights.device)) for stream in self.streams}
             finally:
-                for m, p in zip(embeddings, padding):
+                for m, p in zip(embeddings, padding, strict=True):
                     m.padding_idx = p
 
     def start(self, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -232,8 +266,10 @@ class LayerwiseModel:
             with self._stand_ins(calls):
                 out = self._run(self.decoder, stream, inputs_embeds=x, use_cache=False).last_hidden_state
             if out.shape != x.shape or len(calls) != len(self.layers):
-                raise WeightdiffError(f"{type(self.decoder).__name__} does not call its layers as one tensor in, one "
-                                      "out: validation cannot run it a layer at a time")
+                raise WeightdiffError(
+                    f"{type(self.decoder).__name__} does not call its layers as one tensor in, one "
+                    "out: validation cannot run it a layer at a time"
+                )
             hidden[stream] = calls[0][0]
             self.calls = [(args, kwargs) for _, args, kwargs in calls]
         return hidden
@@ -261,8 +297,11 @@ class LayerwiseModel:
         step = max(1, min(ROW_BUDGET // width, LOGITS_BUDGET // tokens))
         for start in range(0, self.vocab_size, step):
             stop = min(start + step, self.vocab_size)
-            with self._materialized(self.output_path, lambda p: self.weights.rows(p, start, stop),
-                                    lambda t, dim: t.narrow(dim, start, stop - start)) as head:
+            with self._materialized(
+                self.output_path,
+                lambda p: self.weights.rows(p, start, stop),  # noqa: B023 - called within this iteration
+                lambda t, dim: t.narrow(dim, start, stop - start),  # noqa: B023 - likewise
+            ) as head:
                 out = {stream: self._run(head, stream, h).float().cpu() for stream, h in flat.items()}
             if self.softcap is not None:
                 out = {stream: torch.tanh(z / self.softcap) * self.softcap for stream, z in out.items()}
@@ -272,6 +311,9 @@ class LayerwiseModel:
 def tied_aliases(model: torch.nn.Module, tensors: dict[str, dict]) -> dict[str, str]:
     """{LM head weight: input embedding weight} when the head has no tensor of its own on disk (tied)."""
     paths = {id(m): n for n, m in model.named_modules()}
-    head, embedding = (base_path(paths[id(m)]) + ".weight" for m in (model.get_output_embeddings(), model.get_input_embeddings()))
+    hf: Any = model  # a transformers (or PEFT) model
+    head, embedding = (
+        base_path(paths[id(m)]) + ".weight" for m in (hf.get_output_embeddings(), hf.get_input_embeddings())
+    )
     on_disk = {parameter_name(n, e) for n, e in tensors.items()}
     return {head: embedding} if head not in on_disk and embedding in on_disk else {}

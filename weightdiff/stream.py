@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from weightdiff.checkpoint import TensorReader
+from weightdiff.safetensors_io import TensorReader
 from weightdiff.errors import WeightdiffError
 from weightdiff.lowrank import frobenius_norm
 from weightdiff.plan import Unit
@@ -29,14 +29,14 @@ class Delta:
     norm: float  # ‖W_B − W_A‖_F, accumulated in fp64
     rms_a: float | None = None  # root mean square of the weights, when asked for (noise floor estimates)
     rms_b: float | None = None
-    b: torch.Tensor | None = None  # W_B itself, for modules saved whole
+    b: torch.Tensor | None = None  # W_B itself, for modules saved whole (action save)
 
 
 class Workspace:
     """fp32 memory for the deltas of one unit, kept from unit to unit.
 
-    A fresh fp32 buffer for a 14336×4096 delta costs ~70 ms of page faults on 2 cores, twice what forming the
-    delta into memory that is already mapped costs; the workspace grows to the largest unit and stays.
+    A fresh fp32 buffer for a large delta costs page faults worth about twice what forming the delta into memory
+    that is already mapped costs; the workspace grows to the largest unit and stays.
     """
 
     def __init__(self) -> None:
@@ -90,7 +90,7 @@ def pair_delta(name: str, reader_a: TensorReader, reader_b: TensorReader, rms: b
 def read_unit(unit: Unit, reader_a: TensorReader, reader_b: TensorReader, rms: bool, space: Workspace) -> list[Delta]:
     try:
         outs = space.views([reader_b.get(name).shape for name in unit.tensors])
-        return [pair_delta(name, reader_a, reader_b, rms, keep_b=unit.kind == "whole", out=out)
+        return [pair_delta(name, reader_a, reader_b, rms, keep_b=unit.action == "save", out=out)
                 for name, out in zip(unit.tensors, outs)]
     finally:
         reader_a.unmap()

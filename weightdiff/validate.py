@@ -5,6 +5,7 @@ layer. The adapter goes through PEFT, as users will load it: PEFT wraps A's laye
 the A + adapter stream. Any key PEFT expects but the file lacks (the adapter silently stays zero there) or any
 key in the file PEFT does not use (dropped silently) is an error, not a warning.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,7 +13,6 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from peft import PeftConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import AuxiliaryTrainingWrapper, get_peft_model_state_dict, set_peft_model_state_dict
@@ -24,6 +24,7 @@ from weightdiff.errors import WeightdiffError
 from weightdiff.evalset import evaluation_batch
 from weightdiff.fidelity import NextTokenComparison, relative_error
 from weightdiff.layerwise import CheckpointWeights, LayerwiseModel, assign, base_parameters, skeleton, tied_aliases
+from weightdiff.settings import ValidateSettings
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -50,11 +51,15 @@ def adapted(config: dict, adapter_dir: Path, dtype: torch.dtype, device: str) ->
     model = PeftModel(skeleton(config, dtype), PeftConfig.from_pretrained(str(adapter_dir)), low_cpu_mem_usage=True)
     missing, unexpected = key_mismatches(model, adapter_dir)
     if missing or unexpected:
-        raise WeightdiffError(f"{adapter_dir}: PEFT does not load this adapter as written: "
-                              f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+        raise WeightdiffError(
+            f"{adapter_dir}: PEFT does not load this adapter as written: "
+            f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
+        )
     state = {k: v.to(device, dtype) for k, v in load_file(str(adapter_dir / ADAPTER_FILE)).items()}
     skeleton_weights = base_parameters(model)
-    assign(model, {n: torch.zeros((), dtype=p.dtype, device=device).expand(p.shape) for n, p in skeleton_weights.items()})
+    assign(
+        model, {n: torch.zeros((), dtype=p.dtype, device=device).expand(p.shape) for n, p in skeleton_weights.items()}
+    )
     try:
         set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)
     finally:
@@ -76,47 +81,68 @@ def adapters_enabled(module: torch.nn.Module, enabled: bool):
             m.enable_adapters(True)
 
 
-def layerwise(entry: dict, model: torch.nn.Module, settings: DictConfig, dtype: torch.dtype, streams) -> LayerwiseModel:
-    weights = CheckpointWeights(Path(entry["path"]), entry["tensors"], dtype, settings.device,
-                                tied_aliases(model, entry["tensors"]))
+def layerwise(
+    entry: dict, model: torch.nn.Module, settings: ValidateSettings, dtype: torch.dtype, streams
+) -> LayerwiseModel:
+    weights = CheckpointWeights(
+        Path(entry["path"]), entry["tensors"], dtype, settings.device, tied_aliases(model, entry["tensors"])
+    )
     return LayerwiseModel(model, weights, streams)
 
 
 @torch.no_grad()
-def validate(index: dict, adapter_dir: Path, settings: DictConfig) -> tuple[dict, list[dict]]:
+def validate(index: dict, adapter_dir: Path, settings: ValidateSettings) -> tuple[dict, list[dict]]:
     """(metrics, per-layer relative error of the A + adapter and the A hidden states against B's)."""
-    if settings.dtype not in DTYPES:
-        raise WeightdiffError(f"validate.dtype must be one of {', '.join(DTYPES)}, not {settings.dtype!r}")
     dtype = DTYPES[settings.dtype]
     peft_model = adapted(index["model_a"]["config"], adapter_dir, dtype, settings.device)
-    a = layerwise(index["model_a"], peft_model.get_base_model(), settings, dtype,
-                  {"base": lambda m: adapters_enabled(m, False), "adapted": lambda m: nullcontext()})
-    b = layerwise(index["model_b"], skeleton(index["model_b"]["config"], dtype), settings, dtype,
-                  {"b": lambda m: nullcontext()})
+    a = layerwise(
+        index["model_a"],
+        peft_model.get_base_model(),
+        settings,
+        dtype,
+        {"base": lambda m: adapters_enabled(m, False), "adapted": lambda m: nullcontext()},
+    )
+    b = layerwise(
+        index["model_b"], skeleton(index["model_b"]["config"], dtype), settings, dtype, {"b": lambda m: nullcontext()}
+    )
     tokens, texts = evaluation_batch(Path(index["model_a"]["path"]), min(a.vocab_size, b.vocab_size), settings)
-    log.info("validating on %d tokens (%s) in %s on %s, both models a decoder layer at a time", tokens.numel(), texts,
-             settings.dtype, settings.device)
+    log.info(
+        "validating on %d tokens (%s) in %s on %s, both models a decoder layer at a time",
+        tokens.numel(),
+        texts,
+        settings.dtype,
+        settings.device,
+    )
     hidden_a, hidden_b = a.start(a.embed(tokens)), b.start(b.embed(tokens))
     layers = []
     for i in tqdm(range(len(a.layers)), desc="validate", unit="layer", leave=False):
         hidden_a, hidden_b = a.layer(i, hidden_a), b.layer(i, hidden_b)
-        layers.append({"layer": i, "rel_error_adapted": relative_error(hidden_a["adapted"], hidden_b["b"]),
-                       "rel_error_base": relative_error(hidden_a["base"], hidden_b["b"])})
+        layers.append(
+            {
+                "layer": i,
+                "rel_error_adapted": relative_error(hidden_a["adapted"], hidden_b["b"]),
+                "rel_error_base": relative_error(hidden_a["base"], hidden_b["b"]),
+            }
+        )
     comparison = NextTokenComparison(tokens.numel(), ("adapted", "base"))
-    for (offset, logits), (_, logits_b) in zip(a.logits(a.finish(hidden_a)), b.logits(b.finish(hidden_b))):
+    for (offset, logits), (_, logits_b) in zip(a.logits(a.finish(hidden_a)), b.logits(b.finish(hidden_b)), strict=True):
         comparison.add(offset, logits_b["b"], logits)
     return fidelity_metrics(comparison, texts, settings), layers
 
 
-def fidelity_metrics(comparison: NextTokenComparison, texts: str, settings: DictConfig) -> dict:
+def fidelity_metrics(comparison: NextTokenComparison, texts: str, settings: ValidateSettings) -> dict:
     with_adapter, base = comparison.result("adapted"), comparison.result("base")
     confident = comparison.confident()
     kl_adapted, kl_base = with_adapter.kl.mean().item(), base.kl.mean().item()
     return {
-        "kl_adapted": kl_adapted, "kl_base": kl_base,
+        "kl_adapted": kl_adapted,
+        "kl_base": kl_base,
         "gap_closed": 1.0 - kl_adapted / kl_base if kl_base > 0 else None,
-        "top1_adapted": with_adapter.top1.float().mean().item(), "top1_base": base.top1.float().mean().item(),
+        "top1_adapted": with_adapter.top1.float().mean().item(),
+        "top1_base": base.top1.float().mean().item(),
         "top1_adapted_confident": with_adapter.top1[confident].float().mean().item() if confident.any() else None,
         "confident_tokens": int(confident.sum()),
-        "tokens": int(with_adapter.kl.numel()), "texts": texts, "dtype": settings.dtype,
+        "tokens": int(with_adapter.kl.numel()),
+        "texts": texts,
+        "dtype": settings.dtype,
     }

@@ -1,4 +1,4 @@
-"""Header-only views of safetensors checkpoints, and tensor-at-a-time reads from them.
+"""Reading checkpoint directories: config.json, header-only views of safetensors shards, tensor-at-a-time reads.
 
 Everything goes through `safetensors.safe_open`, which parses the header and memory-maps the data: a
 tensor is read only when asked for, so a 47 GB shard costs no more memory than its largest tensor.
@@ -22,6 +22,15 @@ class TensorInfo:
     shard: str
     dtype: str
     shape: tuple[int, ...]
+
+
+def model_config(model_dir: Path) -> dict:
+    """config.json of a checkpoint directory."""
+    path = model_dir / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightdiffError(f"{path}: cannot read the model config ({e})") from e
 
 
 def shard_map(model_dir: Path) -> dict[str, str]:

@@ -1,0 +1,113 @@
+"""The method's heart: a stack of weight deltas ΔW [E, m, n] → truncated SVD → LoRA factors at each matrix's rank.
+
+A linear layer is a stack of one, the experts of a MoE layer a stack of E decomposed in the same batched calls,
+an embedding the transpose of one. The rank of each matrix comes from the policy (weightdiff.rank); the stack
+shares one r, the largest, and a matrix that keeps fewer triplets is padded with zero singular values, as
+PEFT's one r per parameter needs.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from weightdiff.errors import WeightdiffError
+from weightdiff.lowrank import Truncated, lora_factors, residual_norms, truncated_svd
+from weightdiff.rank import auto_rank, chosen_rank, sketch_rank
+from weightdiff.settings import ExtractSettings, SvdSettings
+
+FACTOR_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def tensor_seed(name: str, seed: int) -> int:
+    """Per-tensor seed from its name: results do not depend on the order (or resumption) of the loop."""
+    return seed * 1_000_003 + zlib.crc32(name.encode())
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """scaling · B[e] @ A[e] ≈ ΔW[e] for each matrix e of a stack, and what the cut kept and lost."""
+
+    ranks: list[int]  # each matrix's own rank under the policy (0: its delta is zero)
+    B: torch.Tensor  # [E, m, r] in the factor dtype
+    A: torch.Tensor  # [E, r, n]
+    S: torch.Tensor  # [E, r] kept singular values, zero beyond each matrix's rank
+    norms: torch.Tensor  # [E] ‖ΔW[e]‖_F, fp64
+    errors: torch.Tensor  # [E] ‖ΔW[e] − scaling·B[e]·A[e]‖_F, fp64
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        """The stack's common r: what PEFT reads from the factors' shapes."""
+        return self.A.shape[-2]
+
+    def energies(self) -> torch.Tensor:
+        """Σ kept σ² / ‖ΔW[e]‖² of each matrix (1 for a zero delta: nothing was there to lose)."""
+        nonzero = self.norms > 0
+        safe = torch.where(nonzero, self.norms, 1.0)
+        return torch.where(nonzero, self.S.double().square().sum(-1) / safe.square(), 1.0)
+
+    def rel_errors(self) -> torch.Tensor:
+        nonzero = self.norms > 0
+        return torch.where(nonzero, self.errors / torch.where(nonzero, self.norms, 1.0), 0.0)
+
+
+@dataclass(frozen=True)
+class Method:
+    """The extract settings resolved once for every unit: the rank (auto), alpha, factor dtype and device."""
+
+    rank: int
+    policy: str
+    energy: float
+    max_rank: int
+    alpha: float | None  # None: each module's alpha equals its rank (scaling 1)
+    dtype: torch.dtype
+    device: torch.device
+    svd: SvdSettings
+    lora_bias: bool  # every LoRA module also carries lora_B.bias (PEFT's lora_bias), which holds Δb / scaling
+
+    @classmethod
+    def resolve(cls, settings: ExtractSettings, parameters: int) -> Method:
+        if settings.device == "cuda" and not torch.cuda.is_available():
+            raise WeightdiffError("extract.device=cuda but torch sees no CUDA device")
+        device = "cuda" if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()) else "cpu"
+        rank = auto_rank(parameters) if settings.rank == "auto" else int(settings.rank)
+        return cls(rank=rank, policy=str(settings.rank_policy), energy=settings.energy, max_rank=settings.max_rank,
+                   alpha=None if settings.alpha is None else float(settings.alpha),
+                   dtype=FACTOR_DTYPES[settings.dtype], device=torch.device(device), svd=settings.svd,
+                   lora_bias=settings.extras.biases == "lora")
+
+    def scaling(self, rank: int) -> float:
+        return 1.0 if self.alpha is None else self.alpha / rank
+
+    def svd_of(self, M: torch.Tensor, rank: int, seed: int) -> Truncated:
+        s = self.svd
+        return truncated_svd(M.to(self.device), rank, s.method, s.oversample, s.power_iters, seed, s.tol)
+
+    def decompose(self, dw: torch.Tensor, norms: torch.Tensor, name: str, *, floor: float = 0.0,
+                  fixed: bool = False, transposed: bool = False) -> LowRank:
+        """LoRA factors of ΔW ([m, n] or a stack [E, m, n]; `norms` its per-matrix ‖ΔW‖_F as measured).
+
+        fixed: the configured rank whatever the policy (embeddings). transposed: factors of ΔWᵀ, from the SVD of
+        ΔW itself (an embedding's [vocab, dim] table as PEFT's Embedding LoRA adds it).
+        """
+        m, n = dw.shape[-2:]
+        cap = min(self.rank if fixed else sketch_rank(self.policy, self.rank, self.max_rank), m, n)
+        full = self.svd_of(dw, cap, tensor_seed(name, self.svd.seed))
+        U, S, Vh = (x if dw.ndim == 3 else x[None] for x in (full.U.cpu(), full.S.cpu(), full.Vh.cpu()))
+        policy = "fixed" if fixed else self.policy
+        ranks = [chosen_rank(policy, S[e], norms[e].item() ** 2, energy=self.energy, floor=floor)
+                 if norms[e] > 0 else 0 for e in range(len(S))]
+        r = max(max(ranks), 1)
+        kept = S[:, :r] * (torch.arange(r) < torch.tensor(ranks)[:, None]) if dw.ndim == 3 else S[:, :r]
+        t = Truncated(Vh[:, :r].mT, kept, U[..., :r].mT) if transposed else Truncated(U[..., :r], kept, Vh[:, :r])
+        scaling = self.scaling(r)
+        B, A = (f.to(self.dtype).contiguous() for f in lora_factors(t, scaling))
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise WeightdiffError(f"{name}: LoRA factors (largest singular value {S.max().item():.4g}) overflow "
+                                  f"{self.dtype}; use extract.dtype=bf16 or fp32")
+        stack = dw if dw.ndim == 3 else dw[None]
+        errors = residual_norms(stack.mT if transposed else stack, B.float(), A.float(), scaling)  # as stored
+        return LowRank(ranks, B, A, kept, norms, errors, scaling)

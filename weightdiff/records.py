@@ -1,0 +1,56 @@
+"""The records that cross files between stages, as FORMATS.md documents them (tests/test_records.py checks
+its examples against these): a tensor's index entry, the per-tensor report of extraction."""
+
+from __future__ import annotations
+
+from typing import Literal, TypedDict
+
+from typing_extensions import NotRequired
+
+Action = Literal["lora", "lora_embedding", "lora_experts", "save", "skip"]
+
+
+class TensorEntry(TypedDict):
+    """One checkpoint tensor in artifacts/index.json, placed in the model as transformers holds it."""
+
+    shard: str
+    dtype: str  # safetensors' dtype: BF16, F16, F32...
+    shape: list[int]
+    layer: int | None
+    module: str  # the in-memory module path
+    module_type: str  # q_proj, gate_proj (of one expert); experts.gate_up_proj for a fused expert parameter
+    group: str | None  # attention, linear_attention, mlp, experts, shared_expert, shared_expert_gate, router
+    expert: int | None
+    param: NotRequired[str]  # for expert tensors: the fused parameter they load into
+    part: NotRequired[int]  # and their place there (0 gate, 1 up)
+
+
+class ExpertArrays(TypedDict):
+    """Per-expert values of a lora_experts report, indexed by expert."""
+
+    rank: list[int]
+    delta_norm: list[float]
+    energy: list[float]
+    rel_error: list[float]
+    singular_values: list[list[float]]
+
+
+class TensorReport(TypedDict):
+    """What extraction did with one tensor (or one fused expert parameter): artifacts/extract/tensors.json."""
+
+    name: str
+    module: str
+    module_type: str
+    layer: int | None
+    action: Action
+    shape: list[int]
+    delta_norm: float
+    status: NotRequired[Literal["extracted", "zero"]]  # lora actions: factors written, or an all-zero delta
+    rank: NotRequired[int]
+    energy: NotRequired[float]  # Σ kept σ² / ‖ΔW‖²
+    rel_error: NotRequired[float]  # ‖ΔW − scaling·B·A‖ / ‖ΔW‖, of the stored factors
+    singular_values: NotRequired[list[float]]  # kept; for experts pooled over experts (root sum of squares)
+    noise_floor: NotRequired[float]
+    energy_exact: NotRequired[float]  # the exact SVD's energy at the same rank (extract.svd.check_samples)
+    experts: NotRequired[ExpertArrays]
+    bytes: NotRequired[int]  # save: the size of B's weights in the adapter

@@ -1,0 +1,303 @@
+"""The pipeline's settings as typed records: the one place that says what each key holds and accepts.
+
+conf/config.yaml gives the values (DVC composes it into params.yaml, and `dvc exp show` displays them); these
+dataclasses give the types, the choices and a help text per key, as PEFT's LoraConfig does, and check every
+value when a stage starts, so a mistyped choice fails before any tensor is read, naming the key and the
+choices. tests/test_config.py checks that the defaults here equal conf/'s values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, TypeVar, Union
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from weightdiff.errors import WeightdiffError
+
+
+class Choice(str, Enum):
+    """A closed set of words; members compare, hash, print and serialise as their word."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class RankPolicy(Choice):
+    fixed = "fixed"
+    energy = "energy"
+    noise_floor = "noise_floor"
+
+
+class FactorDtype(Choice):
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class SvdMethod(Choice):
+    randomized = "randomized"
+    exact = "exact"
+
+
+class NormsChoice(Choice):
+    skip = "skip"
+    save = "save"
+
+
+class BiasesChoice(Choice):
+    skip = "skip"
+    lora = "lora"
+
+
+class ModuleChoice(Choice):
+    """For embeddings and the LM head: leave out, save whole (modules_to_save), or decompose."""
+
+    skip = "skip"
+    save = "save"
+    lora = "lora"
+
+
+class ResizedEmbeddings(Choice):
+    error = "error"
+    skip = "skip"
+
+
+class ModelDtype(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class GgufDtype(Choice):
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
+class DemoPair(Choice):
+    smollm2 = "smollm2"
+    tiny = "tiny"
+
+
+NAMED_TARGETS = ("auto", "all-linear")
+
+
+def helped(default: Any, text: str) -> Any:
+    """A field with its default and its help text (dataclasses.field's metadata, as PEFT's configs carry it)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def fail(key: str, value: Any, expected: str) -> WeightdiffError:
+    return WeightdiffError(f"{key} must be {expected}, not {value!r}")
+
+
+@dataclass
+class DownloadSettings:
+    cache_dir: Union[str, None] = helped(None, "where Hub snapshots and the demo pair live; null: HF_HUB_CACHE")
+    allow_patterns: list[str] = helped(
+        ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
+         "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json",
+         "merges.txt", "chat_template.jinja"],
+        "files fetched from a Hub repo: weights, shard index, config, tokenizer; pickles (*.bin, *.pt) never")
+
+
+@dataclass
+class SmolLM2Demo:
+    lora_rank: int = helped(16, "the demo fine-tune's LoRA rank on every linear layer (lora_alpha = 2·rank)")
+    steps: int = helped(8, "optimiser steps")
+    batch_size: int = helped(4, "sequences per step")
+    seq_len: int = helped(128, "tokens per packed sequence")
+    learning_rate: float = helped(0.003, "AdamW learning rate")
+
+
+@dataclass
+class TinyDemo:
+    hidden_size: int = helped(64, "of the tiny random Llama")
+    intermediate_size: int = helped(128, "of its MLP")
+    num_hidden_layers: int = helped(2, "decoder layers")
+    num_attention_heads: int = helped(4, "attention heads")
+    num_key_value_heads: int = helped(2, "key/value heads")
+    vocab_size: int = helped(256, "vocabulary")
+    base_steps: int = helped(60, "steps that train the base before the two fine-tunes")
+    lora_rank: int = helped(8, "rank of each fine-tune's LoRA")
+    train_steps: int = helped(40, "steps of each fine-tune")
+    learning_rate: float = helped(0.01, "AdamW learning rate")
+
+
+@dataclass
+class DemoSettings:
+    pair: DemoPair = helped(DemoPair.smollm2, "smollm2: SmolLM2-135M-Instruct and a LoRA fine-tune of it on "
+                                              "Python's docs; tiny: two fine-tunes of a tiny random Llama")
+    seed: int = helped(0, "seeds every random step of the demo pair")
+    smollm2: SmolLM2Demo = field(default_factory=SmolLM2Demo)
+    tiny: TinyDemo = field(default_factory=TinyDemo)
+
+
+@dataclass
+class VerifySettings:
+    ignore_config_keys: list[str] = helped(
+        ["_name_or_path", "torch_dtype", "dtype", "transformers_version", "architectures", "use_cache",
+         "bos_token_id", "eos_token_id", "pad_token_id", "generation_config"],
+        "config.json keys that may differ between A and B without changing the architecture")
+    resized_embeddings: ResizedEmbeddings = helped(
+        ResizedEmbeddings.error, "A and B with different vocab_size: error refuses the pair; skip extracts every "
+                                 "other tensor and leaves the vocabulary-sized ones out")
+
+
+@dataclass
+class ExtrasSettings:
+    """Deltas that are not LoRA-shaped, and what becomes of them."""
+
+    norms: NormsChoice = helped(NormsChoice.skip, "skip, or save whole (modules_to_save)")
+    biases: BiasesChoice = helped(BiasesChoice.skip, "biases of target layers: skip, or lora (PEFT's lora_bias)")
+    embeddings: ModuleChoice = helped(ModuleChoice.skip, "skip, save whole, or lora (lora_embedding_A/B)")
+    lm_head: ModuleChoice = helped(ModuleChoice.skip, "skip, save whole, or lora (a LoRA target)")
+
+    def __post_init__(self) -> None:
+        if self.biases == BiasesChoice.lora and self.embeddings == ModuleChoice.lora:
+            raise WeightdiffError("extract.extras: PEFT's lora_bias (biases=lora) does not support Embedding layers; "
+                                  "with biases=lora use embeddings=save or skip")
+
+
+@dataclass
+class SvdSettings:
+    method: SvdMethod = helped(SvdMethod.randomized, "randomized (a range finder), or exact (torch.linalg.svd)")
+    oversample: int = helped(10, "extra sketch columns of the randomized SVD")
+    power_iters: Union[int, str] = helped(
+        "auto", "auto: passes over ΔW until one adds less than `tol` of the kept energy; or a fixed count")
+    tol: float = helped(1.0e-4, "the energy gain under which power_iters=auto stops, in (0, 1)")
+    seed: int = helped(0, "the sketches' seed (per tensor: mixed with its name)")
+    check_samples: int = helped(4, "tensors also decomposed exactly, to report the randomized SVD's energy gap")
+
+    def __post_init__(self) -> None:
+        if self.power_iters != "auto" and not (isinstance(self.power_iters, int) and self.power_iters >= 0):
+            raise fail("extract.svd.power_iters", self.power_iters, "auto or a count >= 0")
+        if not 0 < self.tol < 1:
+            raise fail("extract.svd.tol", self.tol, "a number in (0, 1)")
+        if self.oversample < 0 or self.check_samples < 0:
+            raise WeightdiffError("extract.svd.oversample and check_samples must be >= 0")
+
+
+@dataclass
+class ExtractSettings:
+    rank: Union[int, str] = helped("auto", "a positive integer, or auto: by model size (< 7B: 32, > 70B: 8, else 16)")
+    rank_policy: RankPolicy = helped(
+        RankPolicy.fixed, "fixed: `rank` everywhere; energy: per module the smallest rank keeping `energy` of "
+                          "‖ΔW‖²; noise_floor: the singular values above the checkpoints' rounding noise")
+    energy: float = helped(0.9, "target of rank_policy=energy; below it globally ΔW is diagnosed as not low-rank")
+    max_rank: int = helped(64, "cap of the adaptive policies")
+    alpha: Union[float, None] = helped(None, "null: alpha = rank (PEFT scaling 1); else folded into the factors")
+    target_modules: Any = helped("auto", "auto, all-linear, or a list of names (PEFT's suffix rule; conf/targets/)")
+    extras: ExtrasSettings = field(default_factory=ExtrasSettings)
+    dtype: FactorDtype = helped(FactorDtype.fp16, "of the saved factors (fp16 keeps 3 more mantissa bits than bf16)")
+    device: Device = helped(Device.auto, "auto (cuda when available), cpu or cuda")
+    prefetch: int = helped(1, "units read ahead while the current one decomposes")
+    svd: SvdSettings = field(default_factory=SvdSettings)
+
+    def __post_init__(self) -> None:
+        if self.rank != "auto" and not (isinstance(self.rank, int) and self.rank >= 1):
+            raise fail("extract.rank", self.rank, "a positive integer or auto")
+        if not (isinstance(self.max_rank, int) and self.max_rank >= 1):
+            raise fail("extract.max_rank", self.max_rank, "a positive integer")
+        if not 0 < self.energy <= 1:
+            raise fail("extract.energy", self.energy, "a fraction in (0, 1]")
+        targets = self.target_modules
+        if isinstance(targets, str) and targets not in NAMED_TARGETS:
+            raise fail("extract.target_modules", targets, f"a list of module names or one of {', '.join(NAMED_TARGETS)}")
+        if not isinstance(targets, str):
+            self.target_modules = [str(t) for t in targets]
+
+
+# Keys that cannot change the adapter: left out of what identifies a run (resume store, DVC params).
+RUN_ONLY_KEYS = ("device", "prefetch")
+
+
+@dataclass
+class ValidateSettings:
+    texts: Union[str, None] = helped(None, "null: the built-in texts; or a .jsonl of {text}/{messages} records or a .txt")
+    batch_size: int = helped(4, "sequences")
+    seq_len: int = helped(128, "tokens per sequence")
+    seed: int = helped(0, "shuffles the texts' records (or draws the seeded ids)")
+    dtype: ModelDtype = helped(ModelDtype.fp32, "the models' arithmetic; KL is accumulated in fp64 either way")
+    device: str = helped("cpu", "a torch device")
+
+
+@dataclass
+class GgufSettings:
+    dtype: GgufDtype = helped(GgufDtype.f32, "of the GGUF adapter's tensors")
+
+
+@dataclass
+class Paths:
+    """Where stages read and write: wiring, not experiment knobs (conf/paths.yaml; dvc.yaml reads it too)."""
+
+    manifest: str = MISSING
+    verify: str = MISSING
+    index: str = MISSING
+    adapter: str = MISSING
+    checkpoints: str = MISSING
+    tensors: str = MISSING
+    extract_metrics: str = MISSING
+    energy_curve: str = MISSING
+    validate_metrics: str = MISSING
+    layer_divergence: str = MISSING
+    gguf: str = MISSING
+    gguf_metrics: str = MISSING
+    figures: str = MISSING
+    paper: str = MISSING
+
+
+@dataclass
+class Settings:
+    model_a: str = helped(MISSING, "a Hub repo id (org/name@revision), a local directory, or demo:a")
+    model_b: str = helped(MISSING, "the same, for the fine-tune")
+    download: DownloadSettings = field(default_factory=DownloadSettings)
+    demo: DemoSettings = field(default_factory=DemoSettings)
+    verify: VerifySettings = field(default_factory=VerifySettings)
+    extract: ExtractSettings = field(default_factory=ExtractSettings)
+    validate: ValidateSettings = field(default_factory=ValidateSettings)
+    gguf: GgufSettings = field(default_factory=GgufSettings)
+    paths: Paths = field(default_factory=Paths)
+
+
+T = TypeVar("T")
+
+
+def typed(schema: type[T], values: Any, key: str = "") -> T:
+    """`values` (a DictConfig, dict or record) checked against `schema`, as a record of it.
+
+    Unknown keys and wrong types or choices fail naming the key; `key` is the prefix of `values`' keys in the
+    whole configuration (extract, extract.svd), so messages name the key as the user writes it.
+    """
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        full_key = ".".join(k for k in (key, str(getattr(e, "full_key", "") or "")) if k)
+        message = str(e).splitlines()[0]
+        raise WeightdiffError(f"configuration key {full_key or '?'}: {message}") from None
+
+
+def updated(record: T, **changes: Any) -> T:
+    """A copy of a settings record with some keys changed (nested ones as dicts), checked as the original was."""
+    merged = OmegaConf.merge(OmegaConf.structured(record), changes)
+    return typed(type(record), merged)
+
+
+def plain(record: Any) -> Any:
+    """A record as JSON-ready dicts, lists and strings (choices as their words)."""
+    node = record if isinstance(record, DictConfig) else OmegaConf.structured(record)
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
