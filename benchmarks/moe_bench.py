@@ -7,30 +7,29 @@ For each fused projection of one layer (gate_up_proj [E, 2I, H], down_proj [E, H
 (per expert a rank-8 LoRA-like part plus 1% noise), decomposed at --rank by weightdiff.lowrank.truncated_svd
 with params.yaml's extract.svd settings
 on the stack [E, m, n] (what extraction does) and on each expert's matrix in a Python loop; then the whole
-unit as extraction runs it (weightdiff.experts.decompose_experts: SVD, factors in PEFT's layout, per-expert
+unit as extraction runs it (weightdiff.actions.lora_experts: SVD, factors in PEFT's layout, per-expert
 errors). Prints experts/s for each and the largest relative gap between the two ways' singular values.
 --experts takes the first E' experts of the shape (memory: E'·m·n·4 bytes per projection).
 """
+
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
-from omegaconf import OmegaConf
+
+from weightdiff.actions import lora_experts
+from weightdiff.config import run_config
+from weightdiff.decompose import Method
+from weightdiff.lowrank import truncated_svd
+from weightdiff.plan import Unit
+from weightdiff.settings import updated
+from weightdiff.stream import Delta
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from weightdiff.config import run_config  # noqa: E402
-from weightdiff.experts import decompose_experts  # noqa: E402
-from weightdiff.extract import resolved_options  # noqa: E402
-from weightdiff.lowrank import truncated_svd  # noqa: E402
-from weightdiff.plan import Unit  # noqa: E402
-from weightdiff.stream import Delta  # noqa: E402
 
 SHAPES = {  # (experts, hidden_size, moe_intermediate_size)
     "qwen3-30b-a3b": (128, 2048, 768),
@@ -66,19 +65,40 @@ def bench_projection(name: str, stack: torch.Tensor, rank: int, device: torch.de
     on_device = stack.to(device)
     svd = settings.svd
     param = f"model.layers.0.mlp.experts.{name}"
-    opts = resolved_options(settings, 10**10)
-    truncated_svd(on_device[:2], rank, "randomized", svd.oversample, svd.power_iters)  # warm-up (kernels, allocator)
-    seconds, out = best_times({
-        "batched": lambda: truncated_svd(on_device, rank, "randomized", svd.oversample, svd.power_iters),
-        "one_by_one": lambda: [truncated_svd(on_device[e], rank, "randomized", svd.oversample, svd.power_iters, e)
-                               for e in range(E)],
-        "unit": lambda: decompose_experts(Unit("experts", param, (param,)), [Delta(param, stack)], opts,
-                                          {param: {"dtype": "BF16"}}, seed=0),
-    }, device, repeat)
+    method = Method.resolve(settings, 10**10)
+    entry = {"dtype": "BF16", "layer": 0, "expert": None}
+    truncated_svd(
+        on_device[:2], rank, "randomized", svd.oversample, svd.power_iters, 0, svd.tol
+    )  # warm-up (kernels, allocator)
+    seconds, out = best_times(
+        {
+            "batched": lambda: truncated_svd(
+                on_device, rank, "randomized", svd.oversample, svd.power_iters, 0, svd.tol
+            ),
+            "one_by_one": lambda: [
+                truncated_svd(on_device[e], rank, "randomized", svd.oversample, svd.power_iters, e, svd.tol)
+                for e in range(E)
+            ],
+            "unit": lambda: lora_experts(
+                Unit("lora_experts", param, (param,)),
+                [Delta(param, stack, stack.norm().item())],
+                method,
+                {param: entry},
+            ),
+        },
+        device,
+        repeat,
+    )
     gap = max(((out["batched"].S[e] - a.S).abs().max() / a.S[0]).item() for e, a in enumerate(out["one_by_one"]))
-    return {"projection": name, "shape": list(stack.shape), "batched_experts_per_s": E / seconds["batched"],
-            "one_by_one_experts_per_s": E / seconds["one_by_one"], "speedup": seconds["one_by_one"] / seconds["batched"],
-            "unit_experts_per_s": E / seconds["unit"], "max_singular_value_gap": gap}
+    return {
+        "projection": name,
+        "shape": list(stack.shape),
+        "batched_experts_per_s": E / seconds["batched"],
+        "one_by_one_experts_per_s": E / seconds["one_by_one"],
+        "speedup": seconds["one_by_one"] / seconds["batched"],
+        "unit_experts_per_s": E / seconds["unit"],
+        "max_singular_value_gap": gap,
+    }
 
 
 def main() -> None:
@@ -92,15 +112,21 @@ def main() -> None:
     experts, hidden, inter = SHAPES[args.shape]
     experts = min(args.experts or experts, experts)
     device = torch.device(args.device)
-    settings = OmegaConf.merge(run_config(params=ROOT / "params.yaml").extract,  # the pipeline's SVD settings
-                               {"rank": args.rank, "rank_policy": "fixed", "device": args.device})
-    print(f"{args.shape}: {experts} experts, rank {args.rank}, {settings.svd.power_iters} power iterations, "
-          f"{args.device}, {torch.get_num_threads()} threads, best of {args.repeat}")
+    settings = updated(  # the pipeline's SVD settings
+        run_config(params=ROOT / "params.yaml").extract, rank=args.rank, rank_policy="fixed", device=args.device
+    )
+    print(
+        f"{args.shape}: {experts} experts, rank {args.rank}, {settings.svd.power_iters} power iterations, "
+        f"{args.device}, {torch.get_num_threads()} threads, best of {args.repeat}"
+    )
     for name, (m, n) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
         r = bench_projection(name, synthetic_delta(experts, m, n), args.rank, device, settings, args.repeat)
-        print(f"  {name} {r['shape']}: batched {r['batched_experts_per_s']:.1f} experts/s, one by one "
-              f"{r['one_by_one_experts_per_s']:.1f} experts/s ({r['speedup']:.2f}x); whole unit (SVD, PEFT layout, "
-              f"errors) {r['unit_experts_per_s']:.1f} experts/s; singular values agree to {r['max_singular_value_gap']:.1e}")
+        print(
+            f"  {name} {r['shape']}: batched {r['batched_experts_per_s']:.1f} experts/s, one by one "
+            f"{r['one_by_one_experts_per_s']:.1f} experts/s ({r['speedup']:.2f}x); whole unit (SVD, PEFT layout, "
+            f"errors) {r['unit_experts_per_s']:.1f} experts/s; "
+            f"singular values agree to {r['max_singular_value_gap']:.1e}"
+        )
 
 
 if __name__ == "__main__":

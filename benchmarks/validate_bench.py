@@ -8,6 +8,7 @@ the committed params (rank 16, the delta's rank), then `python -m stages.validat
 and prints its wall time, peak RSS and metrics against the pair's size in fp32 (what loading both models
 whole in fp32 would take).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from extract_bench import write_pair  # benchmarks/, on sys.path as the script's own directory
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-from extract_bench import write_pair  # noqa: E402
 
 
 def stage(name: str, overrides: list[str], timed: bool = False) -> str:
@@ -43,12 +44,31 @@ def main() -> None:
     t = time.perf_counter()
     dir_a, dir_b, config = write_pair(work, "llama3-8b", args.layers, "lora", vocab=args.vocab)
     size = sum(f.stat().st_size for f in dir_a.glob("*.safetensors"))
-    print(f"pair: llama3-8b shapes, {args.layers} layers, vocab {args.vocab}: {size / 2 * 1e-9:.2f} B parameters per model, "
-          f"{2 * size * 2 / 2**30:.1f} GiB for both in fp32; written in {time.perf_counter() - t:.0f} s to {work}")
-    paths = ["manifest", "verify", "index", "adapter", "checkpoints", "tensors", "extract_metrics", "energy_curve",
-             "validate_metrics", "layer_divergence"]
-    overrides = [f"model_a={dir_a}", f"model_b={dir_b}", "extract.rank=16", "extract.svd.check_samples=0",
-                 *(f"paths.{k}={work / 'run' / k}" for k in paths), *args.overrides]
+    print(
+        f"pair: llama3-8b shapes, {args.layers} layers, vocab {args.vocab}: "
+        f"{size / 2 * 1e-9:.2f} B parameters per model, "
+        f"{2 * size * 2 / 2**30:.1f} GiB for both in fp32; written in {time.perf_counter() - t:.0f} s to {work}"
+    )
+    paths = [
+        "manifest",
+        "verify",
+        "index",
+        "adapter",
+        "checkpoints",
+        "tensors",
+        "extract_metrics",
+        "energy_curve",
+        "validate_metrics",
+        "layer_divergence",
+    ]
+    overrides = [
+        f"model_a={dir_a}",
+        f"model_b={dir_b}",
+        "extract.rank=16",
+        "extract.svd.check_samples=0",
+        *(f"paths.{k}={work / 'run' / k}" for k in paths),
+        *args.overrides,
+    ]
     for name in ("download", "verify", "index", "extract"):
         t = time.perf_counter()
         stage(name, overrides)
@@ -57,8 +77,10 @@ def main() -> None:
     wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", report).group(1)
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", report).group(1)) * 1024
     metrics = json.loads((work / "run" / "validate_metrics").read_text())
-    print(f"validate: wall {wall}, peak RSS {rss / 2**30:.2f} GiB ({rss / 1e9:.2f} GB) against "
-          f"{2 * size * 2 / 2**30:.1f} GiB for both models whole in fp32")
+    print(
+        f"validate: wall {wall}, peak RSS {rss / 2**30:.2f} GiB ({rss / 1e9:.2f} GB) against "
+        f"{2 * size * 2 / 2**30:.1f} GiB for both models whole in fp32"
+    )
     print(json.dumps(metrics, indent=1))
     print((work / "run" / "layer_divergence").read_text())
 

@@ -1,4 +1,5 @@
 """Stage 1: resolve model_a / model_b to local directories (Hub snapshot, local path or demo pair) → manifest."""
+
 from pathlib import Path
 
 from weightdiff.cli import run_stage

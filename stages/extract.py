@@ -12,8 +12,9 @@ def main(cfg: Settings) -> None:
     p = cfg.paths
     for output in (p.adapter, p.checkpoints, p.tensors, p.extract_metrics, p.energy_curve):
         require_writable(Path(output).parent)
-    metrics, reports, curves = extract(read_json(p.index), read_json(p.manifest), cfg.extract, Path(p.adapter),
-                                       Path(p.checkpoints))
+    metrics, reports, curves = extract(
+        read_json(p.index), read_json(p.manifest), cfg.extract, Path(p.adapter), Path(p.checkpoints)
+    )
     write_json(Path(p.tensors), reports)
     write_csv(Path(p.energy_curve), curves)
     write_json(Path(p.extract_metrics), metrics)

@@ -1,4 +1,5 @@
 """Stage 6: the adapter as a LoRA GGUF for llama.cpp."""
+
 from pathlib import Path
 
 from weightdiff.cli import run_stage
@@ -8,7 +9,10 @@ from weightdiff.gguf_export import write_lora_gguf
 
 def main(cfg) -> None:
     config = read_json(cfg.paths.index)["model_a"]["config"]
-    write_json(Path(cfg.paths.gguf_metrics), write_lora_gguf(Path(cfg.paths.adapter), config, Path(cfg.paths.gguf), cfg.gguf.dtype))
+    write_json(
+        Path(cfg.paths.gguf_metrics),
+        write_lora_gguf(Path(cfg.paths.adapter), config, Path(cfg.paths.gguf), cfg.gguf.dtype),
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Stage 3: header-only index of every tensor of both models and their module layout (independent of the targets)."""
+
 from pathlib import Path
 
 from weightdiff.cli import run_stage

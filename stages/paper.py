@@ -1,18 +1,26 @@
 """Stage 8: reports/paper/paper.md and paper.pdf from this run's own numbers and figures."""
+
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from weightdiff.cli import run_stage
 from weightdiff.files import read_csv, read_json
-from weightdiff.paper import write_paper
+from weightdiff.report.paper import write_paper
 
 
 def main(cfg) -> None:
     p = cfg.paths
-    run = {"manifest": read_json(p.manifest), "extract": read_json(p.extract_metrics), "tensors": read_json(p.tensors),
-           "validate": read_json(p.validate_metrics), "gguf": read_json(p.gguf_metrics),
-           "params": OmegaConf.to_container(cfg, resolve=True), "layers": read_csv(p.layer_divergence)}
+    run = {
+        "manifest": read_json(p.manifest),
+        "extract": read_json(p.extract_metrics),
+        "tensors": read_json(p.tensors),
+        "energy": read_csv(p.energy_curve),
+        "validate": read_json(p.validate_metrics),
+        "layers": read_csv(p.layer_divergence),
+        "gguf": read_json(p.gguf_metrics),
+        "params": OmegaConf.to_container(cfg, resolve=True),
+    }
     write_paper(run, Path(p.figures), Path(p.paper))
 
 

@@ -1,5 +1,6 @@
 """Stage 5: KL(B ‖ A+adapter) and KL(B ‖ A) per token on real text, top-1 agreement, per-layer divergence, with
 the adapter loaded by PEFT and both models run a decoder layer at a time."""
+
 from pathlib import Path
 
 from weightdiff.cli import run_stage

@@ -1,4 +1,5 @@
 """Stage 2: same architecture, tensor names, shapes and dtypes, from config.json and headers only."""
+
 from pathlib import Path
 
 from weightdiff.cli import run_stage
@@ -7,8 +8,10 @@ from weightdiff.verify import verify
 
 
 def main(cfg) -> None:
-    write_json(Path(cfg.paths.verify), verify(read_json(cfg.paths.manifest), list(cfg.verify.ignore_config_keys),
-                                              cfg.verify.resized_embeddings))
+    write_json(
+        Path(cfg.paths.verify),
+        verify(read_json(cfg.paths.manifest), list(cfg.verify.ignore_config_keys), cfg.verify.resized_embeddings),
+    )
 
 
 if __name__ == "__main__":

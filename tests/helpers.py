@@ -76,8 +76,9 @@ def run_extract(dir_a: Path, dir_b: Path, out: Path, cfg, **overrides):
     from weightdiff.settings import updated
 
     manifest = local_manifest(dir_a, dir_b)
-    metrics, reports, _ = extract(build_index(manifest), manifest, updated(cfg.extract, **overrides), out,
-                                  out.parent / ".resume")
+    metrics, reports, _ = extract(
+        build_index(manifest), manifest, updated(cfg.extract, **overrides), out, out.parent / ".resume"
+    )
     return manifest, metrics, reports
 
 

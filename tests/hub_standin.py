@@ -29,6 +29,7 @@ Description of the repos (read on every request, so a test can move a branch bet
 
 `commit()` adds a commit to such a description, with a sha derived from its files, and moves the refs it names.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,8 +49,9 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
 LFS_POINTER_SIZE = 134
 
 
-def commit(repos: Repos, repo_id: str, files: Mapping[str, bytes], refs: Collection[str] = ("main",),
-           parent: str | None = None) -> str:
+def commit(
+    repos: Repos, repo_id: str, files: Mapping[str, bytes], refs: Collection[str] = ("main",), parent: str | None = None
+) -> str:
     """Add a commit of `files` to `repos[repo_id]`, point `refs` (branches or tags) at it, return its sha.
 
     The sha hashes the files and the parent's sha, so identical trees on different histories still differ.
@@ -131,12 +133,17 @@ class StandinHub:
             return
         auth = headers.get("authorization")
         if not auth:
-            raise HubError(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it "
-                                             "and be authenticated to access it. Please log in.")
+            raise HubError(
+                401,
+                "GatedRepo",
+                f"Access to model {repo_id} is restricted. You must have access to it "
+                "and be authenticated to access it. Please log in.",
+            )
         token = auth.removeprefix("Bearer ").strip()
         if token not in self.gated[repo_id]:
-            raise HubError(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the "
-                                             "authorized list.")
+            raise HubError(
+                403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the authorized list."
+            )
 
 
 def tree_entry(name: str, data: bytes) -> dict:
@@ -155,14 +162,24 @@ def model_info(hub: StandinHub, repo_id: str, revision: str, blobs: bool) -> dic
             entry = tree_entry(name, files[name])
             sibling |= {"size": entry["size"], "blobId": entry["oid"]}
             if "lfs" in entry:
-                sibling["lfs"] = {"size": entry["size"], "sha256": entry["lfs"]["oid"],
-                                  "pointerSize": LFS_POINTER_SIZE}
+                sibling["lfs"] = {"size": entry["size"], "sha256": entry["lfs"]["oid"], "pointerSize": LFS_POINTER_SIZE}
         siblings.append(sibling)
-    return {"_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
-            "author": repo_id.split("/")[0], "sha": sha, "private": False,
-            "gated": "manual" if repo_id in hub.gated else False, "disabled": False, "downloads": 0, "likes": 0,
-            "tags": [], "lastModified": "2025-01-01T00:00:00.000Z", "createdAt": "2025-01-01T00:00:00.000Z",
-            "siblings": siblings}
+    return {
+        "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24],
+        "id": repo_id,
+        "modelId": repo_id,
+        "author": repo_id.split("/")[0],
+        "sha": sha,
+        "private": False,
+        "gated": "manual" if repo_id in hub.gated else False,
+        "disabled": False,
+        "downloads": 0,
+        "likes": 0,
+        "tags": [],
+        "lastModified": "2025-01-01T00:00:00.000Z",
+        "createdAt": "2025-01-01T00:00:00.000Z",
+        "siblings": siblings,
+    }
 
 
 def repo_tree(hub: StandinHub, repo_id: str, revision: str, path: str, recursive: bool) -> list[dict]:
@@ -174,12 +191,14 @@ def repo_tree(hub: StandinHub, repo_id: str, revision: str, path: str, recursive
     for name in sorted(files):
         if not name.startswith(prefix):
             continue
-        rest = name[len(prefix):].split("/")
+        rest = name[len(prefix) :].split("/")
         for depth in range(1, len(rest)):  # the folders on the way
             folder = prefix + "/".join(rest[:depth])
             if depth == 1 or recursive:
-                entries.setdefault(folder, {"type": "directory", "oid": hashlib.sha1(folder.encode()).hexdigest(),
-                                            "size": 0, "path": folder})
+                entries.setdefault(
+                    folder,
+                    {"type": "directory", "oid": hashlib.sha1(folder.encode()).hexdigest(), "size": 0, "path": folder},
+                )
             if not recursive:
                 break
         if len(rest) == 1 or recursive:
@@ -217,8 +236,7 @@ def make_handler(hub: StandinHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
             self.handle_request(head=True)
 
         def handle_request(self, head: bool) -> None:
-            hub.requests.append(Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
-                                        cdn))
+            hub.requests.append(Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, cdn))
             self.file_name: str | None = None  # set by content(): which file the body is, for faults
             try:
                 status, headers, body = self.route(urlsplit(self.path))
@@ -243,7 +261,7 @@ def make_handler(hub: StandinHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
             step = 65536
             try:
                 for start in range(0, end, step):
-                    chunk = body[start:min(start + step, end)]
+                    chunk = body[start : min(start + step, end)]
                     self.wfile.write(chunk)
                     if hub.bytes_per_second:
                         self.wfile.flush()
@@ -265,7 +283,7 @@ def make_handler(hub: StandinHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
             if "resolve" in parts[1:3]:
                 at = parts.index("resolve", 1)
                 if len(parts) > at + 2:
-                    return self.resolve("/".join(parts[:at]), parts[at + 1], "/".join(parts[at + 2:]))
+                    return self.resolve("/".join(parts[:at]), parts[at + 1], "/".join(parts[at + 2 :]))
             raise HubError(404, None, f"stand-in: no route for {url.path}")
 
         def api(self, parts: list[str], query: dict) -> tuple[int, dict[str, str], bytes]:
@@ -288,9 +306,18 @@ def make_handler(hub: StandinHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
             data = files[filename]
             if is_lfs(filename):
                 sha256 = hashlib.sha256(data).hexdigest()
-                return 302, {"Location": f"{hub.cdn_url}/blobs/{sha256}", "X-Repo-Commit": sha,
-                             "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(data)),
-                             "ETag": f'"{git_blob_oid(data)}"', "Content-Length": "0"}, b""
+                return (
+                    302,
+                    {
+                        "Location": f"{hub.cdn_url}/blobs/{sha256}",
+                        "X-Repo-Commit": sha,
+                        "X-Linked-Etag": f'"{sha256}"',
+                        "X-Linked-Size": str(len(data)),
+                        "ETag": f'"{git_blob_oid(data)}"',
+                        "Content-Length": "0",
+                    },
+                    b"",
+                )
             return self.content(filename, data, {"ETag": f'"{git_blob_oid(data)}"', "X-Repo-Commit": sha})
 
         def content(self, name: str, data: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
@@ -300,7 +327,7 @@ def make_handler(hub: StandinHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
             if span is None:
                 return 200, headers, data
             start, end = span
-            return 206, headers | {"Content-Range": f"bytes {start}-{end}/{len(data)}"}, data[start:end + 1]
+            return 206, headers | {"Content-Range": f"bytes {start}-{end}/{len(data)}"}, data[start : end + 1]
 
         def json(self, obj) -> tuple[int, dict[str, str], bytes]:
             return 200, {"Content-Type": "application/json"}, json.dumps(obj).encode()
@@ -318,8 +345,7 @@ def serve(repos: Repos, gated: Mapping[str, Collection[str]] | None = None) -> I
     hub = StandinHub(repos=repos, gated=dict(gated or {}))
     servers = [ThreadingHTTPServer(("127.0.0.1", 0), make_handler(hub, cdn=cdn)) for cdn in (False, True)]
     hub.url, hub.cdn_url = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
-    threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-               for s in servers]
+    threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True) for s in servers]
     for t in threads:
         t.start()
     try:

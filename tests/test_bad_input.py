@@ -1,5 +1,6 @@
 """Bad input fails early, with a message that names the file, the tensor and the values, and leaves nothing
 that looks finished."""
+
 from __future__ import annotations
 
 import errno
@@ -17,8 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import stages.download
 import stages.extract
-from helpers import REPO, local_manifest
-from helpers import edited_copy, run_extract
+from helpers import REPO, edited_copy, local_manifest, run_extract
 from weightdiff.config import run_config
 from weightdiff.download import parse_source
 from weightdiff.errors import WeightdiffError
@@ -48,7 +48,9 @@ def test_sharded_checkpoints_verify_and_extract_like_single_files(tiny_pair, tmp
     _, sharded, _ = run_extract(a, tiny_pair[1], tmp_path / "x", cfg)
     _, single, _ = run_extract(*tiny_pair, tmp_path / "y", cfg)
     assert verify(local_manifest(a, tiny_pair[1]), IGNORE)["tensors"] == 21
-    assert (tmp_path / "x/adapter_model.safetensors").read_bytes() == (tmp_path / "y/adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "x/adapter_model.safetensors").read_bytes() == (
+        tmp_path / "y/adapter_model.safetensors"
+    ).read_bytes()
 
 
 def with_config(model_dir: Path, **changes) -> Path:
@@ -57,11 +59,14 @@ def with_config(model_dir: Path, **changes) -> Path:
     return model_dir
 
 
-@pytest.mark.parametrize(("changes", "shown"), [
-    ({"num_hidden_layers": 3, "intermediate_size": 96}, r"intermediate_size: 128 vs 96.*num_hidden_layers: 2 vs 3"),
-    ({"hidden_size": 96}, r"hidden_size: 64 vs 96"),
-    ({"hidden_size": 96, "vocab_size": 260}, r"hidden_size: 64 vs 96; vocab_size: 256 vs 260"),
-])
+@pytest.mark.parametrize(
+    ("changes", "shown"),
+    [
+        ({"num_hidden_layers": 3, "intermediate_size": 96}, r"intermediate_size: 128 vs 96.*num_hidden_layers: 2 vs 3"),
+        ({"hidden_size": 96}, r"hidden_size: 64 vs 96"),
+        ({"hidden_size": 96, "vocab_size": 260}, r"hidden_size: 64 vs 96; vocab_size: 256 vs 260"),
+    ],
+)
 def test_different_architectures(tiny_pair, tmp_path, changes, shown):
     b = with_config(edited_copy(tiny_pair[1], tmp_path / "b", lambda t: None), **changes)
     with pytest.raises(WeightdiffError, match=rf"different architectures: .*/config.json differ in {shown}"):
@@ -71,17 +76,22 @@ def test_different_architectures(tiny_pair, tmp_path, changes, shown):
 def resized_copy(src: Path, dst: Path, added_tokens: int) -> Path:
     """src with its vocabulary grown by added_tokens (new rows in the embeddings and the LM head), as a fine-tune
     that adds tokens saves it."""
+
     def grow(t):
         for name in ("model.embed_tokens.weight", "lm_head.weight"):
             t[name] = torch.cat([t[name], t[name][:added_tokens]])
+
     b = edited_copy(src, dst, grow)
     return with_config(b, vocab_size=json.loads((src / "config.json").read_text())["vocab_size"] + added_tokens)
 
 
 def test_resized_embeddings_are_named_as_such_and_refused_by_default(tiny_pair, tmp_path):
     b = resized_copy(tiny_pair[1], tmp_path / "b", added_tokens=4)
-    with pytest.raises(WeightdiffError, match=r"^vocab_size differs: resized embeddings \(.*/a/config.json has 256 "
-                                              r"tokens, .*/b/config.json 260; .*verify.resized_embeddings=skip"):
+    with pytest.raises(
+        WeightdiffError,
+        match=r"^vocab_size differs: resized embeddings \(.*/a/config.json has 256 "
+        r"tokens, .*/b/config.json 260; .*verify.resized_embeddings=skip",
+    ):
         verify(local_manifest(tiny_pair[0], b), IGNORE)
 
 
@@ -100,8 +110,13 @@ def test_resized_embeddings_skip_accepts_only_vocabulary_sized_differences(tiny_
     reports = json.loads((tmp_path / "artifacts" / "extract" / "tensors.json").read_text())
     assert not [r for r in reports if r["name"] in report["resized_embeddings"]]
 
-    other = edited_copy(b, tmp_path / "other", lambda t: t.__setitem__(  # one more tensor differs: still refused
-        "model.layers.0.mlp.up_proj.weight", t["model.layers.0.mlp.up_proj.weight"][:100]))
+    other = edited_copy(
+        b,
+        tmp_path / "other",
+        lambda t: t.__setitem__(  # one more tensor differs: still refused
+            "model.layers.0.mlp.up_proj.weight", t["model.layers.0.mlp.up_proj.weight"][:100]
+        ),
+    )
     with pytest.raises(WeightdiffError, match=r"up_proj.weight: shape \(128, 64\) in A .* vs \(100, 64\) in B") as e:
         verify(local_manifest(tiny_pair[0], other), IGNORE, "skip")
     assert "embed_tokens" not in str(e.value)
@@ -112,12 +127,16 @@ def test_tensor_shape_dtype_and_presence_mismatches_name_tensor_and_both_values(
         t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][:100]
         t["model.layers.1.self_attn.k_proj.weight"] = t["model.layers.1.self_attn.k_proj.weight"].float()
         t["model.layers.2.mlp.up_proj.weight"] = t.pop("model.norm.weight")
+
     b = edited_copy(tiny_pair[1], tmp_path / "b", edit)
     with pytest.raises(WeightdiffError) as e:
         verify(local_manifest(tiny_pair[0], b), IGNORE)
-    assert "model.layers.0.mlp.up_proj.weight: shape (128, 64) in A (model.safetensors) vs (100, 64) in B" in str(e.value)
-    assert ("model.layers.1.self_attn.k_proj.weight: dtype BF16 in A (model.safetensors) vs F32 in B "
-            "(model.safetensors)") in str(e.value)
+    assert "model.layers.0.mlp.up_proj.weight: shape (128, 64) in A (model.safetensors) vs (100, 64) in B" in str(
+        e.value
+    )
+    assert (
+        "model.layers.1.self_attn.k_proj.weight: dtype BF16 in A (model.safetensors) vs F32 in B (model.safetensors)"
+    ) in str(e.value)
     assert "model.norm.weight: only in A (model.safetensors)" in str(e.value)
     assert "model.layers.2.mlp.up_proj.weight: only in B (model.safetensors)" in str(e.value)
 
@@ -126,10 +145,14 @@ def test_missing_shard(tiny_pair, tmp_path):
     a = sharded_copy(tiny_pair[0], tmp_path / "a")
     manifest = local_manifest(a, tiny_pair[1])
     (a / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(WeightdiffError, match=r"model-00002-of-00002.safetensors is missing .*rerun the download stage"):
+    with pytest.raises(
+        WeightdiffError, match=r"model-00002-of-00002.safetensors is missing .*rerun the download stage"
+    ):
         verify(manifest, IGNORE)
     # listed by the index but never there: found from the index itself
-    with pytest.raises(WeightdiffError, match=r"index.json lists shard model-00002-of-00002.safetensors, which is missing"):
+    with pytest.raises(
+        WeightdiffError, match=r"index.json lists shard model-00002-of-00002.safetensors, which is missing"
+    ):
         verify(local_manifest(a, tiny_pair[1]), IGNORE)
 
 
@@ -139,16 +162,22 @@ def test_broken_safetensors_header(tiny_pair, tmp_path, damage):
     f = b / "model.safetensors"
     data = f.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    f.write_bytes({"truncated header": data[: 8 + n // 2],
-                   "header past the end": (len(data) * 2).to_bytes(8, "little") + data[8:],
-                   "not json": data[:8] + b"\xff" * n + data[8 + n:],
-                   "data cut short": data[:-100]}[damage])
+    f.write_bytes(
+        {
+            "truncated header": data[: 8 + n // 2],
+            "header past the end": (len(data) * 2).to_bytes(8, "little") + data[8:],
+            "not json": data[:8] + b"\xff" * n + data[8 + n :],
+            "data cut short": data[:-100],
+        }[damage]
+    )
     with pytest.raises(WeightdiffError, match=rf"{f}: not a readable safetensors file") as e:
         verify(local_manifest(tiny_pair[0], b), IGNORE)
     if damage == "data cut short":  # the last tensor in the file, model.norm.weight (64 bf16), lost its bytes
         data_len = len(data) - 8 - n
-        assert str(e.value).endswith(f"; tensor model.norm.weight ends at byte {data_len} of the data, which has "
-                                     f"{data_len - 100}: the file is truncated")
+        assert str(e.value).endswith(
+            f"; tensor model.norm.weight ends at byte {data_len} of the data, which has "
+            f"{data_len - 100}: the file is truncated"
+        )
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
@@ -162,10 +191,12 @@ def test_nan_in_a_delta_names_the_tensor_and_leaves_no_adapter(tiny_pair, tmp_pa
 
 def disk_full_after(monkeypatch, n: int) -> None:
     """Path.write_bytes (what write_atomic and write_json use) writes n bytes, then fails as a full disk does."""
+
     def write_bytes(self: Path, data: bytes) -> None:
         with open(self, "wb") as f:
             f.write(data[:n])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
     monkeypatch.setattr(Path, "write_bytes", write_bytes)
 
 
@@ -198,8 +229,10 @@ def test_disk_full_while_writing_the_adapter_leaves_no_adapter(tiny_pair, tmp_pa
 def test_download_stage_refuses_an_unwritable_output_directory_before_downloading(tmp_path, monkeypatch):
     """/sys takes no new files, root's included (a chmod'ed directory would not stop root)."""
     monkeypatch.chdir(tmp_path)
-    cfg = run_config(["model_a=org/never-fetched", "model_b=org/never-fetched",
-                      "paths.manifest=/sys/weightdiff-test/manifest.json"], params=REPO / "params.yaml")
+    cfg = run_config(
+        ["model_a=org/never-fetched", "model_b=org/never-fetched", "paths.manifest=/sys/weightdiff-test/manifest.json"],
+        params=REPO / "params.yaml",
+    )
     with pytest.raises(WeightdiffError, match=r"^output directory /sys/weightdiff-test is not writable: "):
         stages.download.main(cfg)
 
@@ -207,8 +240,11 @@ def test_download_stage_refuses_an_unwritable_output_directory_before_downloadin
 def test_extract_stage_cli_refuses_an_unwritable_adapter_directory_before_any_work(tmp_path):
     proc = stage_cli("extract", tmp_path, "paths.adapter=/sys/weightdiff-test/adapter")  # no index needed: first check
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "error: output directory /sys/weightdiff-test is not writable: ")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: output directory /sys/weightdiff-test is not writable: ")
+    )
     assert not (tmp_path / "artifacts").exists()
 
 
@@ -223,8 +259,13 @@ def stage_cli(stage: str, cwd: Path, *overrides: str) -> subprocess.CompletedPro
     (cwd / "params.yaml").write_text((REPO / "params.yaml").read_text())
     (cwd / "conf").mkdir(exist_ok=True)
     (cwd / "conf" / "paths.yaml").write_text((REPO / "conf" / "paths.yaml").read_text())
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *overrides], cwd=cwd,
-                          env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", *overrides],
+        cwd=cwd,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_stage_cli_reports_the_error_in_one_line_and_exits_nonzero(tiny_pair, tmp_path):
@@ -232,7 +273,8 @@ def test_stage_cli_reports_the_error_in_one_line_and_exits_nonzero(tiny_pair, tm
     proc = stage_cli("download", tmp_path, "model_a=/data/nope", f"model_b={tiny_pair[1]}")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: model source '/data/nope': no such local directory, and not a Hub id (org/name[@revision])")
+        "error: model source '/data/nope': no such local directory, and not a Hub id (org/name[@revision])"
+    )
     assert "Traceback" not in proc.stderr and not (tmp_path / "artifacts").exists()
 
 

@@ -48,19 +48,25 @@ def test_pair_group_sets_both_models():
     assert cfg.model_a == "Qwen/Qwen2.5-0.5B" and cfg.model_b == "Qwen/Qwen2.5-0.5B-Instruct"
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("extract.rnak=8", r"extract\.rnak"),
-    ("+extract.note=x", r"extract\.note: Key 'note' not in 'ExtractSettings'"),
-    ("extract.rank_policy=enrgy", r"extract\.rank_policy: Invalid value 'enrgy', expected one of \[fixed, energy, noise_floor\]"),
-    ("extract.extras.norms=lora", r"extract\.extras\.norms: Invalid value 'lora', expected one of \[skip, save\]"),
-    ("extract.svd.method=full", r"extract\.svd\.method: .*expected one of \[randomized, exact\]"),
-    ("gguf.dtype=q4", r"gguf\.dtype: .*expected one of \[f32, f16, bf16, q8_0\]"),
-    ("verify.resized_embeddings=drop", r"verify\.resized_embeddings: .*expected one of \[error, skip\]"),
-    ("extract.rank=0", r"extract\.rank must be a positive integer or auto, not 0"),
-    ("extract.svd.power_iters=many", r"extract\.svd\.power_iters must be auto or a count >= 0, not 'many'"),
-    ("extract.svd.tol=2", r"extract\.svd\.tol must be a number in \(0, 1\)"),
-    ("extract.target_modules=everything", r"extract\.target_modules must be a list of module names or one of auto"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("extract.rnak=8", r"extract\.rnak"),
+        ("+extract.note=x", r"extract\.note: Key 'note' not in 'ExtractSettings'"),
+        (
+            "extract.rank_policy=enrgy",
+            r"extract\.rank_policy: Invalid value 'enrgy', expected one of \[fixed, energy, noise_floor\]",
+        ),
+        ("extract.extras.norms=lora", r"extract\.extras\.norms: Invalid value 'lora', expected one of \[skip, save\]"),
+        ("extract.svd.method=full", r"extract\.svd\.method: .*expected one of \[randomized, exact\]"),
+        ("gguf.dtype=q4", r"gguf\.dtype: .*expected one of \[f32, f16, bf16, q8_0\]"),
+        ("verify.resized_embeddings=drop", r"verify\.resized_embeddings: .*expected one of \[error, skip\]"),
+        ("extract.rank=0", r"extract\.rank must be a positive integer or auto, not 0"),
+        ("extract.svd.power_iters=many", r"extract\.svd\.power_iters must be auto or a count >= 0, not 'many'"),
+        ("extract.svd.tol=2", r"extract\.svd\.tol must be a number in \(0, 1\)"),
+        ("extract.target_modules=everything", r"extract\.target_modules must be a list of module names or one of auto"),
+    ],
+)
 def test_a_wrong_value_fails_at_start_naming_the_key_and_the_choices(override, message):
     with pytest.raises(WeightdiffError, match=message):
         run_config([override], params=REPO / "params.yaml")

@@ -2,6 +2,7 @@
 
 Nothing here reaches the network: `standin` points huggingface_hub at tests/hub_standin.py on 127.0.0.1.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load, save, save_file
 
 import stages.download
-from conftest import REPO
+from helpers import REPO
 from hub_standin import commit, serve
 from weightdiff.config import run_config
 from weightdiff.download import Source, manifest, parse_source, resolve
@@ -41,13 +42,19 @@ def weights(seed: int, rows: int = 4) -> bytes:
 
 def model_files(seed: int, **extra: bytes) -> dict[str, bytes]:
     """config.json + model.safetensors, plus the files a Hub repo usually also has, which must not be fetched."""
-    return {"config.json": CONFIG, "model.safetensors": weights(seed), "README.md": b"# a model card\n",
-            "pytorch_model.bin": b"\x80\x04 a pickle that must never be downloaded", **extra}
+    return {
+        "config.json": CONFIG,
+        "model.safetensors": weights(seed),
+        "README.md": b"# a model card\n",
+        "pytorch_model.bin": b"\x80\x04 a pickle that must never be downloaded",
+        **extra,
+    }
 
 
 def config(cache: Path, model_a: str, model_b: str):
-    return OmegaConf.create({"model_a": model_a, "model_b": model_b,
-                             "download": {"cache_dir": str(cache), "allow_patterns": PATTERNS}})
+    return OmegaConf.create(
+        {"model_a": model_a, "model_b": model_b, "download": {"cache_dir": str(cache), "allow_patterns": PATTERNS}}
+    )
 
 
 def snapshot(cache: Path, repo_id: str, sha: str) -> Path:
@@ -97,6 +104,7 @@ def cache(tmp_path) -> Path:
 
 # -- Hub sources -------------------------------------------------------------------------------------------
 
+
 def test_tag_and_main_resolve_to_their_commits_and_fetch_only_used_files(standin, repos, cache):
     v1 = model_files(1, **{"tokenizer.json": b"{}", "trainer_state.json": b"{}"})
     v2 = model_files(2, **{"tokenizer.json": b"{}", "trainer_state.json": b"{}"})
@@ -113,28 +121,43 @@ def test_tag_and_main_resolve_to_their_commits_and_fetch_only_used_files(standin
         assert Path(entry["path"]) == snapshot(cache, "org/name", sha)
         assert entry["files"] == expected_files(files, "config.json", "model.safetensors")
         # the snapshot holds exactly the allowed files, with the bytes the Hub served at that commit
-        assert sorted(p.name for p in Path(entry["path"]).iterdir()) == ["config.json", "model.safetensors",
-                                                                         "tokenizer.json"]
+        assert sorted(p.name for p in Path(entry["path"]).iterdir()) == [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+        ]
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
             assert (Path(entry["path"]) / name).read_bytes() == files[name]
     assert result["model_a"]["source"] == "org/name@v1.0" and result["model_b"]["source"] == "org/name"
-    assert not torch.equal(*(load((Path(result[s]["path"]) / "model.safetensors").read_bytes())[
-        "model.layers.0.self_attn.q_proj.weight"] for s in ("model_a", "model_b")))
+    assert not torch.equal(
+        *(
+            load((Path(result[s]["path"]) / "model.safetensors").read_bytes())["model.layers.0.self_attn.q_proj.weight"]
+            for s in ("model_a", "model_b")
+        )
+    )
     fetched = {r.path.rsplit("/", 1)[-1] for r in standin.requests if "/resolve/" in r.path}
     assert fetched == {"config.json", "model.safetensors", "tokenizer.json"}  # not README, trainer state, pickle
 
 
 def test_sharded_weights_list_shards_and_index(standin, repos, cache):
-    files = {"config.json": CONFIG, "model-00001-of-00002.safetensors": weights(3),
-             "model-00002-of-00002.safetensors": weights(4, rows=2),
-             "model.safetensors.index.json": json.dumps({"weight_map": {}}).encode()}
+    files = {
+        "config.json": CONFIG,
+        "model-00001-of-00002.safetensors": weights(3),
+        "model-00002-of-00002.safetensors": weights(4, rows=2),
+        "model.safetensors.index.json": json.dumps({"weight_map": {}}).encode(),
+    }
     sha = commit(repos, "org/sharded", files)
 
     entry = resolve(parse_source("org/sharded"), config(cache, "org/sharded", "org/sharded"))
 
     assert entry["revision"] == sha
-    assert entry["files"] == expected_files(files, "config.json", "model-00001-of-00002.safetensors",
-                                            "model-00002-of-00002.safetensors", "model.safetensors.index.json")
+    assert entry["files"] == expected_files(
+        files,
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    )
 
 
 def test_pinned_sha_keeps_old_bytes_after_main_moves(standin, repos, cache):
@@ -262,8 +285,9 @@ def no_disk_beyond(free: int):
     return lambda path: SimpleNamespace(total=10**13, used=10**13 - free, free=free)
 
 
-def test_too_little_disk_space_stops_before_any_download_and_counts_only_missing_files(standin, repos, cache,
-                                                                                          monkeypatch):
+def test_too_little_disk_space_stops_before_any_download_and_counts_only_missing_files(
+    standin, repos, cache, monkeypatch
+):
     a, b = model_files(1), model_files(2)
     commit(repos, "org/a", a)
     commit(repos, "org/b", b)
@@ -273,8 +297,9 @@ def test_too_little_disk_space_stops_before_any_download_and_counts_only_missing
     with pytest.raises(WeightdiffError) as excinfo:
         manifest(config(cache, "org/a", "org/b"))
 
-    assert (f"4 files still to download need {need_a + need_b:,} bytes" in str(excinfo.value)
-            and f"{cache.parent} has {need_a + need_b - 1:,} bytes" in str(excinfo.value))
+    assert f"4 files still to download need {need_a + need_b:,} bytes" in str(
+        excinfo.value
+    ) and f"{cache.parent} has {need_a + need_b - 1:,} bytes" in str(excinfo.value)
     assert not [r for r in standin.requests if r.method == "GET" and ("/resolve/" in r.path or r.cdn)]
     assert not cache.exists()
 
@@ -288,8 +313,12 @@ def test_too_little_disk_space_stops_before_any_download_and_counts_only_missing
 def stage_env(hub_url: str, hf_home: Path) -> dict[str, str]:
     """A stage subprocess's environment: the stand-in as the Hub, HF_HOME as its only cache, no user token."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
-    return env | {"PYTHONPATH": str(REPO), "HF_ENDPOINT": hub_url, "HF_HOME": str(hf_home),
-                  "HF_HUB_DISABLE_TELEMETRY": "1"}
+    return env | {
+        "PYTHONPATH": str(REPO),
+        "HF_ENDPOINT": hub_url,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
 
 
 def wait_for(found, proc: subprocess.Popen, timeout: float = 60.0):
@@ -313,12 +342,19 @@ def test_kill_9_mid_file_then_rerun_equals_an_uninterrupted_run(standin, repos, 
     uninterrupted = manifest(config(tmp_path / "reference", "org/name", "org/name"))
     hf_home = tmp_path / "hf-home-of-the-stage"
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "paths.yaml").write_text((REPO / "conf" / "paths.yaml").read_text())
     overrides = ["model_a=org/name", "model_b=org/name"]
     standin.bytes_per_second = 16 * 2**20  # 1.5 s for the weights
 
     with (tmp_path / "stderr.txt").open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "stages.download", *overrides], cwd=tmp_path,
-                                env=stage_env(standin.url, hf_home), stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stages.download", *overrides],
+            cwd=tmp_path,
+            env=stage_env(standin.url, hf_home),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
         blobs = hf_home / "hub" / "models--org--name" / "blobs"
         wait_for(lambda: [p for p in blobs.glob("*.incomplete") if p.stat().st_size > 0], proc)  # 10 of 24 MiB
         proc.send_signal(signal.SIGKILL)
@@ -338,19 +374,24 @@ def test_kill_9_mid_file_then_rerun_equals_an_uninterrupted_run(standin, repos, 
 
 # -- parsing -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("org/name", Source("hub", "org/name", None)),
-    ("org/name@v1.0", Source("hub", "org/name", "v1.0")),
-    ("org/name@refs/pr/1", Source("hub", "org/name", "refs/pr/1")),
-    ("demo:a", Source("demo", "a")),
-    ("demo:b", Source("demo", "b")),
-])
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("org/name", Source("hub", "org/name", None)),
+        ("org/name@v1.0", Source("hub", "org/name", "v1.0")),
+        ("org/name@refs/pr/1", Source("hub", "org/name", "refs/pr/1")),
+        ("demo:a", Source("demo", "a")),
+        ("demo:b", Source("demo", "b")),
+    ],
+)
 def test_parse_source(text, expected):
     assert parse_source(text) == expected
 
 
-@pytest.mark.parametrize("text", ["/nonexistent/model", "./missing", "../missing/model", "~/missing-model",
-                                  "not-a-hub-id", "org/name/extra"])
+@pytest.mark.parametrize(
+    "text", ["/nonexistent/model", "./missing", "../missing/model", "~/missing-model", "not-a-hub-id", "org/name/extra"]
+)
 def test_missing_local_directory_is_refused(text, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -365,11 +406,13 @@ def test_unknown_demo_variant_is_refused():
 
 # -- local directories -------------------------------------------------------------------------------------
 
+
 def make_local_model(directory: Path, seed: int) -> Path:
     directory.mkdir(parents=True)
     generator = torch.Generator().manual_seed(seed)
-    save_file({"model.layers.0.mlp.up_proj.weight": torch.randn(6, 4, generator=generator)},
-              directory / "model.safetensors")
+    save_file(
+        {"model.layers.0.mlp.up_proj.weight": torch.randn(6, 4, generator=generator)}, directory / "model.safetensors"
+    )
     (directory / "config.json").write_bytes(CONFIG)
     (directory / "README.md").write_text("not used\n")
     return directory
@@ -389,9 +432,9 @@ def test_local_directories_are_recorded_with_sizes_and_mtimes(tmp_path, monkeypa
         assert entry["kind"] == "local" and entry["revision"] is None
         assert entry["path"] == str(directory.resolve()) and Path(entry["path"]).is_absolute()
         assert entry["files"] == [
-            {"name": name, "size": (directory / name).stat().st_size,
-             "mtime_ns": (directory / name).stat().st_mtime_ns}
-            for name in ("config.json", "model.safetensors")]
+            {"name": name, "size": (directory / name).stat().st_size, "mtime_ns": (directory / name).stat().st_mtime_ns}
+            for name in ("config.json", "model.safetensors")
+        ]
     assert not cache.exists()  # nothing was copied or downloaded
 
     # weights changed in place: same path, same size, but the manifest must differ

@@ -1,4 +1,5 @@
 """`dvc repro` and `dvc exp` on a fresh copy of this repository, as a user runs them (minutes: marked slow)."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.slow
 STAGES = ["download", "verify", "index", "extract", "validate", "gguf-convert", "figures", "paper"]
@@ -39,9 +40,13 @@ class Project:
             if isinstance(node, dict):
                 if node.get("name") and node.get("data"):
                     data = node["data"]
-                    rows.append({"name": node["name"],
-                                 "params": data["params"]["params.yaml"]["data"],
-                                 "metrics": {k: v["data"] for k, v in data.get("metrics", {}).items()}})
+                    rows.append(
+                        {
+                            "name": node["name"],
+                            "params": data["params"]["params.yaml"]["data"],
+                            "metrics": {k: v["data"] for k, v in data.get("metrics", {}).items()},
+                        }
+                    )
                 for v in node.values():
                     walk(v)
             elif isinstance(node, list):
@@ -57,16 +62,23 @@ def project(tmp_path_factory, hub_cache, smollm2_pair) -> Project:
     """A fresh clone of the working tree: tracked and untracked-but-not-ignored files, a new git history; the
     HF cache already holds the demo pair (built once per session by the smollm2_pair fixture)."""
     root = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for f in files:
         if (REPO / f).is_file():
             (root / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, root / f)
-    env = os.environ | {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1",
-                        "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                        "GIT_COMMITTER_EMAIL": "t@t"}
+    env = os.environ | {
+        "HF_HUB_CACHE": str(hub_cache),
+        "HF_HUB_OFFLINE": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     p = Project(root, env)
     p.run("git", "init", "-q")
     p.run("git", "add", "-A")
@@ -76,8 +88,14 @@ def project(tmp_path_factory, hub_cache, smollm2_pair) -> Project:
 
 def test_first_repro_runs_all_eight_stages(project):
     assert project.repro() == STAGES
-    for out in ["artifacts/adapter/adapter_model.safetensors", "artifacts/adapter.gguf", "metrics/validate.json",
-                "reports/figures/energy_vs_rank.png", "reports/paper/paper.md", "reports/paper/paper.pdf"]:
+    for out in [
+        "artifacts/adapter/adapter_model.safetensors",
+        "artifacts/adapter.gguf",
+        "metrics/validate.json",
+        "reports/figures/energy_vs_rank.png",
+        "reports/paper/paper.md",
+        "reports/paper/paper.pdf",
+    ]:
         assert (project.root / out).is_file(), out
     validate = json.loads((project.root / "metrics/validate.json").read_text())
     assert validate["kl_adapted"] <= 1e-4 and validate["gap_closed"] >= 0.999 and validate["texts"] == "built-in"

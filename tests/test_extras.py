@@ -1,5 +1,6 @@
 """Deltas that are not LoRA-shaped (norms, biases, embeddings, lm_head): saved, decomposed or skipped, and
 PEFT must apply whatever is saved."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,15 @@ def pair_with_extras(tmp_path_factory) -> tuple[Path, Path]:
     biases, norms and the untied lm_head by dense ones. fp32, so that only the adapter's choices matter."""
     root = tmp_path_factory.mktemp("extras")
     torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
+    config = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        tie_word_embeddings=False,
+    )
     model = Qwen2ForCausalLM(config).eval()
     model.save_pretrained(root / "a")
     g = torch.Generator().manual_seed(1)
@@ -53,10 +61,15 @@ def run(pair, tmp_path, cfg, **extras):
 
 
 def test_all_extras_applied_reproduce_b(pair_with_extras, tmp_path, cfg):
-    _, metrics, reports, result = run(pair_with_extras, tmp_path, cfg, norms="save", biases="lora",
-                                      embeddings="save", lm_head="save")
+    _, metrics, reports, result = run(
+        pair_with_extras, tmp_path, cfg, norms="save", biases="lora", embeddings="save", lm_head="save"
+    )
     config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
-    assert config["lora_bias"] is True and "model.norm" in config["modules_to_save"] and "lm_head" in config["modules_to_save"]
+    assert (
+        config["lora_bias"] is True
+        and "model.norm" in config["modules_to_save"]
+        and "lm_head" in config["modules_to_save"]
+    )
     action = {r["name"]: (r["action"], r.get("status")) for r in reports}
     assert action["model.embed_tokens.weight"] == ("save", None)
     assert action["model.layers.0.self_attn.q_proj.bias"] == ("lora", "extracted")  # as lora_B.bias
@@ -68,8 +81,12 @@ def test_all_extras_applied_reproduce_b(pair_with_extras, tmp_path, cfg):
 def test_skipped_extras_are_measured_and_cost_fidelity(pair_with_extras, tmp_path, cfg):
     _, metrics, reports, result = run(pair_with_extras, tmp_path, cfg)
     skipped = {r["name"]: r for r in reports if r["action"] == "skip"}
-    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
-            "model.layers.0.self_attn.k_proj.bias"} <= set(skipped)
+    assert {
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.0.self_attn.k_proj.bias",
+    } <= set(skipped)
     assert all(r["delta_norm"] > 0 for r in skipped.values())
     assert metrics["extras"]["skipped"] == len(skipped) and metrics["extras"]["skipped_delta_norm"] > 1
     assert result["kl_adapted"] > 1e-3  # what the skipped deltas were worth
@@ -82,8 +99,11 @@ def test_lm_head_as_a_lora_target(pair_with_extras, tmp_path, cfg):
 
 
 def test_embedding_as_lora_embedding_factors(pair_with_extras, tmp_path, cfg):
-    """A rank-4 embedding delta decomposed into lora_embedding_A/B is exact, and PEFT loads it (validate checks keys)."""
-    _, _, reports, with_embedding = run(pair_with_extras, tmp_path, cfg, norms="save", embeddings="lora", lm_head="save")
+    """A rank-4 embedding delta decomposed into lora_embedding_A/B is exact, and PEFT loads it (validate checks
+    keys)."""
+    _, _, reports, with_embedding = run(
+        pair_with_extras, tmp_path, cfg, norms="save", embeddings="lora", lm_head="save"
+    )
     embedding = next(r for r in reports if r["name"] == "model.embed_tokens.weight")
     assert embedding["status"] == "extracted" and embedding["rel_error"] < 1e-5
     _, _, _, without = run(pair_with_extras, tmp_path / "skip", cfg, norms="save", lm_head="save")

@@ -1,41 +1,62 @@
-"""Figures from synthetic run outputs shaped as FORMATS.md describes; the pure helpers on hand-made cases."""
+"""Figures from synthetic run outputs shaped as FORMATS.md describes; the pipeline graph from DVC itself."""
+
 from __future__ import annotations
 
-import math
+import json
+import os
+import re
+import shlex
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
+import networkx as nx
 import numpy as np
 import pytest
+from dvc.repo import Repo
 
+from helpers_report import (
+    RANK,
+    TYPES,
+    energy_curve,
+    expert_reports,
+    extra_reports,
+    extract_metrics,
+    synthetic_divergence,
+    synthetic_reports,
+)
 from weightdiff.errors import WeightdiffError
 from weightdiff.figures import (
-    decomposed,
-    FIGURE_NAMES, dvc_stages, energy_curves, layer_norm_grid, pipeline_edges, stage_depths, unlayered_norms,
+    FIGURE_NAMES,
+    module_type_curves,
+    pipeline_figure,
+    pipeline_graph,
+    pipeline_rows,
     write_figures,
 )
+from weightdiff.report.facts import PAPER_FIGURES, layer_norm_grid, unlayered_norms
 
-KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RANK = 4
-ZERO_TENSOR = "model.layers.1.self_attn.v_proj.weight"
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["download", "verify", "index", "extract", "validate", "gguf-convert", "figures", "paper"]
 
-# The pipeline's 8 stages, with the dvc.yaml spellings that matter: ${...} from params.yaml and from vars,
-# metrics and plots as outs, outs with options, a dep under a directory out, and a dep (adapter.gguf) that
-# shares a string prefix with an out (artifacts/adapter) of a stage it does not depend on.
-PARAMS_YAML = "paths:\n  manifest: artifacts/manifest.json\n"
+# The pipeline's 8 stages with the dvc.yaml spellings DVC must resolve: ${...} from a vars file and from an
+# inline vars mapping, metrics and plots as outs, outs with options, a dep under a directory out, and a dep
+# (adapter.gguf) that shares a string prefix with an out (artifacts/adapter) of a stage it does not depend on.
+PATHS_YAML = "paths:\n  manifest: artifacts/manifest.json\n"
 DVC_YAML = """
 vars:
+  - paths.yaml
   - adapter_dir: artifacts/adapter
 stages:
   download:
     cmd: python -m stages.download
-    params: [model_a, model_b]
     outs:
       - ${paths.manifest}:
           cache: false
   verify:
     cmd: python -m stages.verify
-    deps: ["${paths.manifest}", "${paths.unknown}"]
+    deps: ["${paths.manifest}"]
     outs: [artifacts/verify.json]
   index:
     cmd: python -m stages.index
@@ -63,7 +84,7 @@ stages:
     metrics: [metrics/gguf.json]
   figures:
     cmd: python -m stages.figures
-    deps: [artifacts/extract/tensors.json, metrics/energy_vs_rank.csv, dvc.yaml]
+    deps: [artifacts/extract/tensors.json, metrics/energy_vs_rank.csv]
     outs: [reports/figures]
   paper:
     cmd: python -m stages.paper
@@ -71,50 +92,38 @@ stages:
     outs: [reports/paper]
 """
 EXPECTED_EDGES = {
-    ("download", "verify"), ("download", "extract"), ("download", "validate"),
-    ("verify", "index"), ("index", "extract"),
-    ("extract", "validate"), ("extract", "gguf-convert"), ("extract", "figures"),
-    ("validate", "paper"), ("gguf-convert", "paper"), ("figures", "paper"),
+    ("download", "verify"),
+    ("download", "extract"),
+    ("download", "validate"),
+    ("verify", "index"),
+    ("index", "extract"),
+    ("extract", "validate"),
+    ("extract", "gguf-convert"),
+    ("extract", "figures"),
+    ("validate", "paper"),
+    ("gguf-convert", "paper"),
+    ("figures", "paper"),
 }
 
 
-def synthetic_tensors() -> dict:
-    """tensors.json for 3 layers × 7 kinds at rank 4 (one tensor unchanged) plus an embedding with no layer."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for layer in range(3):
-        for j, kind in enumerate(KINDS):
-            module = f"model.layers.{layer}.{'mlp' if j > 3 else 'self_attn'}.{kind}"
-            rows.append(tensor_row(module, layer, kind, [] if module + ".weight" == ZERO_TENSOR
-                                   else sorted(rng.uniform(0.1, 1.0 + j, RANK), reverse=True), energy=0.8))
-    rows.append(tensor_row("model.embed_tokens", None, "embed_tokens", [2.0, 1.0, 0.5, 0.25], energy=0.5))
-    return {"rank": RANK, "alpha": 8.0, "dtype": "bf16", "tensors": rows}
+def dvc_project(directory: Path, dvc_yaml: str = DVC_YAML) -> Path:
+    """A DVC project without git holding dvc_yaml, as `dvc init --no-scm` makes it."""
+    Repo.init(str(directory), no_scm=True).close()
+    (directory / "paths.yaml").write_text(PATHS_YAML)
+    (directory / "dvc.yaml").write_text(dvc_yaml)
+    return directory
 
 
-def tensor_row(module: str, layer: int | None, kind: str, singular_values: list[float], energy: float) -> dict:
-    kept = sum(s * s for s in singular_values)
-    return {"name": f"{module}.weight", "module": module, "layer": layer, "kind": kind, "shape": [32, 64],
-            "status": "extracted" if singular_values else "zero", "rank": len(singular_values),
-            "delta_norm": math.sqrt(kept / energy), "energy": energy if singular_values else 0.0,
-            "rel_error": math.sqrt(1 - energy), "singular_values": [float(s) for s in singular_values]}
-
-
-def synthetic_divergence(layers: int = 4) -> list[dict]:
-    """validate's per-layer rows: the adapter's error grows along the depth, far below A's."""
-    return [{"layer": i, "rel_error_adapted": 1e-4 * (i + 1), "rel_error_base": 0.1 * (i + 1)} for i in range(layers)]
-
-
-def synthetic_energy_curve(tensors: dict) -> list[tuple[int, float]]:
-    """metrics/energy_vs_rank.csv as the extract stage defines it: the curve of all tensors pooled."""
-    curve = energy_curves(tensors, tensors["rank"], group_of=lambda t: "all")["all"]
-    return [(k + 1, e) for k, e in enumerate(curve)]
-
-
-def write_dvc_yaml(directory: Path) -> Path:
-    (directory / "params.yaml").write_text(PARAMS_YAML)
-    path = directory / "dvc.yaml"
-    path.write_text(DVC_YAML)
-    return path
+def dvc(*args: str, cwd: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=os.environ | {"DVC_NO_ANALYTICS": "1"},
+    )
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -126,14 +135,26 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def figures(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    tmp = tmp_path_factory.mktemp("figures")
-    tensors = synthetic_tensors()
-    return write_figures(tensors, synthetic_energy_curve(tensors), synthetic_divergence(), write_dvc_yaml(tmp), tmp / "out")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> nx.DiGraph:
+    return pipeline_graph(dvc_project(tmp_path_factory.mktemp("project")))
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory: pytest.TempPathFactory, pipeline: nx.DiGraph) -> list[Path]:
+    reports = synthetic_reports()
+    return write_figures(
+        reports,
+        energy_curve(reports, RANK),
+        extract_metrics(reports),
+        synthetic_divergence(),
+        pipeline,
+        tmp_path_factory.mktemp("figures") / "out",
+    )
 
 
 def test_write_figures_makes_every_named_png(figures: list[Path]) -> None:
     assert [p.name for p in figures] == list(FIGURE_NAMES)
+    assert set(FIGURE_NAMES) == set(PAPER_FIGURES), "every figure drawn is one the paper shows"
     for path in figures:
         width, height = png_size(path)
         assert 300 <= width <= 4000 and 200 <= height <= 4000, (path.name, width, height)
@@ -141,73 +162,111 @@ def test_write_figures_makes_every_named_png(figures: list[Path]) -> None:
     assert sorted(p.name for p in figures[0].parent.iterdir()) == sorted(FIGURE_NAMES), "temp files left behind"
 
 
-def test_pipeline_edges_follow_outs_to_deps(tmp_path: Path) -> None:
-    edges = pipeline_edges(write_dvc_yaml(tmp_path))
-    assert len(edges) == len(set(edges))
-    assert set(edges) == EXPECTED_EDGES
+def test_pipeline_graph_is_dvcs_with_interpolation_resolved(pipeline: nx.DiGraph) -> None:
+    assert list(pipeline) == STAGES
+    assert set(pipeline.edges) == EXPECTED_EDGES
+    assert pipeline.nodes["download"]["outs"] == ["artifacts/manifest.json"]
+    assert pipeline.nodes["extract"]["outs"] == [
+        "artifacts/adapter",
+        "artifacts/extract/tensors.json",
+        "metrics/extract.json",
+        "metrics/energy_vs_rank.csv",
+    ]
 
 
-def test_dvc_stages_resolve_interpolation_and_keep_unknown_keys(tmp_path: Path) -> None:
-    stages = dvc_stages(write_dvc_yaml(tmp_path))
-    assert stages["download"]["outs"] == ["artifacts/manifest.json"]
-    assert stages["verify"]["deps"] == ["artifacts/manifest.json", "${paths.unknown}"]
-    assert stages["gguf-convert"]["deps"] == ["artifacts/adapter"]
-    assert stages["extract"]["outs"] == ["artifacts/adapter", "artifacts/extract/tensors.json",
-                                         "metrics/extract.json", "metrics/energy_vs_rank.csv"]
+def test_pipeline_graph_of_this_repository_matches_dvc_dag() -> None:
+    """The repository's own 8 stages and the edges that `dvc dag --dot` prints for them."""
+    dot = dvc("dag", "--dot", cwd=REPO)
+    edges = set(re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, re.MULTILINE))
+    graph = pipeline_graph(REPO)
+    assert list(graph) == STAGES
+    assert edges and set(graph.edges) == edges
+    assert ("extract", "figures") in edges and ("figures", "paper") in edges
 
 
-def test_stage_depths_layer_the_dag_and_reject_cycles(tmp_path: Path) -> None:
-    stages = ["download", "verify", "index", "extract", "validate", "gguf-convert", "figures", "paper"]
-    depth = stage_depths(stages, sorted(EXPECTED_EDGES))
-    assert depth == {"download": 0, "verify": 1, "index": 2, "extract": 3, "validate": 4, "gguf-convert": 4,
-                     "figures": 4, "paper": 5}
-    with pytest.raises(WeightdiffError, match="cycle"):
-        stage_depths(["a", "b"], [("a", "b"), ("b", "a")])
+def test_pipeline_graph_can_be_read_inside_a_running_repro(tmp_path: Path) -> None:
+    """`dvc repro` holds the repository lock while a stage runs; reading DVC's index must not need it."""
+    read = (
+        f"{shlex.quote(sys.executable)} -c 'import json, pathlib; from weightdiff.figures import pipeline_graph; "
+        "g = pipeline_graph(pathlib.Path.cwd()); "
+        'pathlib.Path("graph.json").write_text(json.dumps(list(g.edges)))\''
+    )
+    project = dvc_project(
+        tmp_path,
+        f"""
+stages:
+  first:
+    cmd: echo a > a.txt
+    outs: [a.txt]
+  second:
+    cmd: {json.dumps(read)}
+    deps: [a.txt]
+    outs: [graph.json]
+""",
+    )
+    dvc("repro", cwd=project)
+    assert json.loads((project / "graph.json").read_text()) == [["first", "second"]]
 
 
-def test_pipeline_edges_reports_an_unreadable_dvc_yaml(tmp_path: Path) -> None:
-    path = tmp_path / "dvc.yaml"
-    path.write_text("vars: []\n")
-    with pytest.raises(WeightdiffError, match="stages"):
-        pipeline_edges(path)
+def test_pipeline_graph_reports_a_directory_that_is_no_dvc_project(tmp_path: Path) -> None:
+    with pytest.raises(WeightdiffError, match="DVC cannot read the pipeline"):
+        pipeline_graph(tmp_path)
 
 
-def test_energy_curves_pool_tensors_by_kind() -> None:
-    tensors = {"rank": 3, "tensors": [
-        # q_proj: σ² cumulative [9, 10, 10] and (rank clamped to 1) [4, 4, 4]; ‖ΔW‖² 12 + 4 = 16
-        {"kind": "q_proj", "singular_values": [3.0, 1.0], "delta_norm": math.sqrt(12)},
-        {"kind": "q_proj", "singular_values": [2.0], "delta_norm": 2.0},
-        # v_proj: [1, 2, 3] / 4
-        {"kind": "v_proj", "singular_values": [1.0, 1.0, 1.0], "delta_norm": 2.0},
-        # k_proj: all zero, so no defined energy
-        {"kind": "k_proj", "singular_values": [], "delta_norm": 0.0},
-    ]}
-    curves = energy_curves(tensors, 3)
-    assert set(curves) == {"q_proj", "v_proj"}
-    np.testing.assert_allclose(curves["q_proj"], [13 / 16, 14 / 16, 14 / 16])
-    np.testing.assert_allclose(curves["v_proj"], [0.25, 0.5, 0.75])
-    np.testing.assert_allclose(energy_curves(tensors, 3, group_of=lambda t: "all")["all"], [0.7, 0.8, 0.85])
+def test_pipeline_rows_layer_by_longest_path(pipeline: nx.DiGraph) -> None:
+    assert pipeline_rows(pipeline) == [
+        ["download"],
+        ["verify"],
+        ["index"],
+        ["extract"],
+        ["validate", "gguf-convert", "figures"],
+        ["paper"],
+    ]
+    fig = pipeline_figure(pipeline)
+    assert {t.get_text() for t in fig.axes[0].texts} >= set(STAGES)
+
+
+def test_module_type_curves_come_from_the_csv_columns_in_block_order() -> None:
+    rows = [
+        {"rank": 1, "energy": 0.5, "down_proj": 0.4, "q_proj": 0.6, "k_proj": float("nan")},
+        {"rank": 2, "energy": 0.9, "down_proj": 0.8, "q_proj": 1.0, "k_proj": float("nan")},
+    ]
+    assert module_type_curves(rows) == {"q_proj": [0.6, 1.0], "down_proj": [0.4, 0.8]}
+    assert module_type_curves([]) == {}
 
 
 def test_layer_norm_grid_keeps_zero_deltas_and_sets_aside_unlayered_tensors() -> None:
-    tensors = synthetic_tensors()
-    layers, kinds, grid = layer_norm_grid(tensors)
-    assert layers == [0, 1, 2] and kinds == KINDS
+    reports = synthetic_reports()
+    layers, types, grid = layer_norm_grid(reports)
+    assert layers == [0, 1, 2] and types == TYPES
     assert grid.shape == (3, 7) and not np.isnan(grid).any()
-    assert grid[1, KINDS.index("v_proj")] == 0
-    assert (np.delete(grid.ravel(), 1 * 7 + KINDS.index("v_proj")) > 0).all()
-    assert list(unlayered_norms(tensors)) == ["model.embed_tokens"]
+    assert grid[1, TYPES.index("v_proj")] == 0
+    assert (np.delete(grid.ravel(), 1 * 7 + TYPES.index("v_proj")) > 0).all()
+    assert list(unlayered_norms(reports)) == ["model.embed_tokens"]
 
-    del tensors["tensors"][0]  # layer 0 q_proj missing: a hole, not a zero
-    _, kinds, grid = layer_norm_grid(tensors)
-    assert np.isnan(grid[0, kinds.index("q_proj")])
+    del reports[0]  # layer 0 q_proj missing: a hole, not a zero
+    _, types, grid = layer_norm_grid(reports)
+    assert np.isnan(grid[0, types.index("q_proj")])
     assert np.isnan(grid).sum() == 1
 
 
-def test_extras_without_a_spectrum_stay_out_of_the_figures(tmp_path):
-    tensors = synthetic_tensors()
-    tensors["tensors"].append({"name": "model.norm.weight", "module": "model.norm", "layer": None, "kind": "norm",
-                               "unit": "measure", "shape": [64], "status": "skipped", "delta_norm": 0.3})
-    assert "model.norm.weight" not in {t["name"] for t in decomposed(tensors)["tensors"]}
-    curve = synthetic_energy_curve(decomposed(tensors))
-    assert len(write_figures(tensors, curve, synthetic_divergence(), write_dvc_yaml(tmp_path), tmp_path / "f")) == len(FIGURE_NAMES)
+def test_extras_stay_out_of_the_per_module_figures_and_experts_join_them(tmp_path: Path, pipeline) -> None:
+    """A bias in lora_B.bias, a module saved whole and a skipped norm have no spectrum of their own (the
+    bias would otherwise overwrite its layer's q_proj cell); fused experts are columns like any module type."""
+    base = synthetic_reports()
+    reports = base + extra_reports() + expert_reports()
+    layers, types, grid = layer_norm_grid(reports)
+    assert types == TYPES + ["experts.gate_up_proj", "experts.down_proj"]
+    np.testing.assert_array_equal(grid[:, :7], layer_norm_grid(base)[2])
+    assert "input_layernorm" not in types and "model.norm" not in unlayered_norms(reports)
+    metrics = extract_metrics(reports, policy="energy")
+    assert len(
+        write_figures(
+            reports,
+            energy_curve(reports, metrics["rank_max"]),
+            metrics,
+            synthetic_divergence(),
+            pipeline,
+            tmp_path / "f",
+        )
+    ) == len(FIGURE_NAMES)

@@ -18,14 +18,36 @@ from weightdiff import gguf_export
 from weightdiff.errors import WeightdiffError
 from weightdiff.gguf_export import write_lora_gguf
 
-LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 128, "tie_word_embeddings": False}
+LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 128,
+    "tie_word_embeddings": False,
+}
 QWEN2 = {**LLAMA, "model_type": "qwen2"}
 HEAD_DIM = LLAMA["hidden_size"] // LLAMA["num_attention_heads"]
-KINDS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-         "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-GGUF_KINDS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+KINDS = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+GGUF_KINDS = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
 R, ALPHA = 8, 16.0
 # First match wins: layer 1's k_proj gets rank 32 / alpha 8, layer 0's k_proj rank 4 / the global alpha.
 RANK_PATTERN = {r"layers\.1\.self_attn\.k_proj": 32, "k_proj": 4}
@@ -45,12 +67,23 @@ def module_shape(kind: str, config: dict) -> tuple[int, int]:
     """[out, in] of a linear layer in the tiny model."""
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     kv = config["num_key_value_heads"] * HEAD_DIM
-    return {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
-            "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}[kind]
+    return {
+        "q_proj": (hidden, hidden),
+        "k_proj": (kv, hidden),
+        "v_proj": (kv, hidden),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (inter, hidden),
+        "up_proj": (inter, hidden),
+        "down_proj": (hidden, inter),
+    }[kind]
 
 
-def make_adapter(directory: Path, config: dict, extra: dict[str, torch.Tensor] | None = None,
-                 source_dtype: torch.dtype = torch.float32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def make_adapter(
+    directory: Path,
+    config: dict,
+    extra: dict[str, torch.Tensor] | None = None,
+    source_dtype: torch.dtype = torch.float32,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """A PEFT LoRA directory with random factors on every linear layer; returns module -> (A, B) as float32."""
     generator = torch.Generator().manual_seed(0)
     tensors: dict[str, torch.Tensor] = {}
@@ -68,10 +101,22 @@ def make_adapter(directory: Path, config: dict, extra: dict[str, torch.Tensor] |
     tensors.update(extra or {})
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / "adapter_model.safetensors")
-    (directory / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": R, "lora_alpha": ALPHA,
-        "target_modules": list(KINDS), "rank_pattern": RANK_PATTERN, "alpha_pattern": ALPHA_PATTERN,
-        "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": "tiny"}))
+    (directory / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": R,
+                "lora_alpha": ALPHA,
+                "target_modules": list(KINDS),
+                "rank_pattern": RANK_PATTERN,
+                "alpha_pattern": ALPHA_PATTERN,
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "base_model_name_or_path": "tiny",
+            }
+        )
+    )
     return factors
 
 
@@ -84,8 +129,10 @@ def gguf_name(module: str) -> str:
 def read_gguf(path: Path) -> tuple[gguf.GGUFReader, dict[str, tuple[GGMLQuantizationType, np.ndarray]]]:
     """The reader and every tensor as (type, float32 data in numpy [rows, cols] order)."""
     reader = gguf.GGUFReader(path)
-    tensors = {t.name: (t.tensor_type, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
-               for t in reader.tensors}
+    tensors = {
+        t.name: (t.tensor_type, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+        for t in reader.tensors
+    }
     return reader, tensors
 
 
@@ -197,8 +244,9 @@ def test_scaling_matches_peft_itself(tmp_path: Path) -> None:
         kind = name.split(".")[-1]
         if kind in ("q_proj", "k_proj"):
             delta = interleaved(delta, LLAMA["num_attention_heads" if kind == "q_proj" else "num_key_value_heads"])
-        product = tensors[f"{gguf_name(name)}.lora_b"][1].astype(np.float64) @ \
-            tensors[f"{gguf_name(name)}.lora_a"][1].astype(np.float64)
+        product = tensors[f"{gguf_name(name)}.lora_b"][1].astype(np.float64) @ tensors[f"{gguf_name(name)}.lora_a"][
+            1
+        ].astype(np.float64)
         np.testing.assert_allclose(product, delta, rtol=1e-5, atol=1e-5, err_msg=name)
         checked += 1
     assert checked == 14
@@ -232,8 +280,9 @@ def peft_deltas(peft_model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-6), ("q8_0", 2e-2)])
-def test_moe_experts_become_3d_pairs_whose_products_are_peft_deltas(tmp_path: Path, dtype: str,
-                                                                    tolerance: float) -> None:
+def test_moe_experts_become_3d_pairs_whose_products_are_peft_deltas(
+    tmp_path: Path, dtype: str, tolerance: float
+) -> None:
     config, peft_model = moe_adapter(tmp_path / "adapter")
     summary = write_lora_gguf(tmp_path / "adapter", config, tmp_path / "moe.gguf", dtype=dtype)
 
@@ -249,8 +298,9 @@ def test_moe_experts_become_3d_pairs_whose_products_are_peft_deltas(tmp_path: Pa
     assert raw["blk.1.ffn_down_exps.weight.lora_a"] == [48, 2, 4]
     assert raw["blk.1.ffn_down_exps.weight.lora_b"] == [2, 64, 4]
     for name, delta in deltas.items():
-        product = np.matmul(tensors[f"{name}.lora_b"][1].astype(np.float64),
-                            tensors[f"{name}.lora_a"][1].astype(np.float64))
+        product = np.matmul(
+            tensors[f"{name}.lora_b"][1].astype(np.float64), tensors[f"{name}.lora_a"][1].astype(np.float64)
+        )
         error = np.linalg.norm(product - delta) / np.linalg.norm(delta)
         assert error < tolerance, (name, error)
 
@@ -277,8 +327,11 @@ def test_modules_to_save_weight_is_refused(tmp_path: Path) -> None:
 
 def test_module_without_gguf_name_is_refused(tmp_path: Path) -> None:
     key = "base_model.model.model.layers.0.mlp.extra_proj.lora_A.weight"
-    make_adapter(tmp_path / "adapter", LLAMA, extra={
-        key: torch.zeros(R, 64), key.replace("lora_A", "lora_B"): torch.zeros(64, R)})
+    make_adapter(
+        tmp_path / "adapter",
+        LLAMA,
+        extra={key: torch.zeros(R, 64), key.replace("lora_A", "lora_B"): torch.zeros(64, R)},
+    )
     with pytest.raises(WeightdiffError, match=r"extra_proj\.lora_A\.weight.*no GGUF tensor name"):
         write_lora_gguf(tmp_path / "adapter", LLAMA, tmp_path / "a.gguf")
 

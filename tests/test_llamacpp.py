@@ -24,13 +24,12 @@ from pathlib import Path
 
 import pytest
 import sentencepiece
-import tiny_moe
 import torch
-from helpers import kl_per_token, local_manifest, top1_agreement, validated
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
-from helpers import run_extract
 
+import tiny_moe
+from helpers import kl_per_token, local_manifest, run_extract, top1_agreement, validated
 from weightdiff.errors import WeightdiffError
 from weightdiff.evalset import seeded_batch
 from weightdiff.gguf_export import write_lora_gguf

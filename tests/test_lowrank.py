@@ -14,7 +14,9 @@ def truncated_svd(M, rank, method="randomized", oversample=10, power_iters=2, se
 def low_rank_plus_noise(m: int, n: int, r: int, noise: float, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     decay = torch.logspace(0, -1, r)
-    return (torch.randn(m, r, generator=g) * decay) @ torch.randn(r, n, generator=g) + noise * torch.randn(m, n, generator=g)
+    return (torch.randn(m, r, generator=g) * decay) @ torch.randn(r, n, generator=g) + noise * torch.randn(
+        m, n, generator=g
+    )
 
 
 @pytest.mark.parametrize("shape", [(256, 128), (96, 300)])
@@ -58,7 +60,11 @@ def test_frobenius_and_residual_norms_are_accurate_on_large_matrices():
 
 def test_norms_of_a_stack_are_each_matrix_own():
     g = torch.Generator().manual_seed(0)
-    M, B, A = torch.randn(3, 40, 70, generator=g), torch.randn(3, 40, 2, generator=g), torch.randn(3, 2, 70, generator=g)
+    M, B, A = (
+        torch.randn(3, 40, 70, generator=g),
+        torch.randn(3, 40, 2, generator=g),
+        torch.randn(3, 2, 70, generator=g),
+    )
     for e in range(3):
         assert frobenius_norms(M)[e].item() == pytest.approx(M[e].double().norm().item(), rel=1e-7)
         expected = (M[e].double() - 2 * B[e].double() @ A[e].double()).norm().item()

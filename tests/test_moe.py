@@ -5,6 +5,7 @@ default) and a Qwen3.5-MoE text model (Gated DeltaNet layers, then a full-attent
 q_proj) saved fused (`save_original_format=False`) under `model.language_model.`, as the Hub has Qwen3.5.
 B is A plus rank-2 deltas on attention, linear attention, the shared expert and every routed expert.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,32 +15,43 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
 
 import tiny_moe
-from helpers import REPO, assert_streamed_equals_in_memory, local_manifest, validated
-from helpers import edited_copy, run_extract
-from weightdiff.config import composed_conf
-from weightdiff.errors import WeightdiffError
+from helpers import REPO, assert_streamed_equals_in_memory, edited_copy, local_manifest, run_extract, validated
 from weightdiff.actions import lora_experts
+from weightdiff.config import composed_conf
 from weightdiff.decompose import Method
+from weightdiff.errors import WeightdiffError
 from weightdiff.index import build_index
-from weightdiff.lowrank import truncated_svd
 from weightdiff.layout import ModelModules
+from weightdiff.lowrank import truncated_svd
 from weightdiff.peft_format import parameter_key, peft_keys
 from weightdiff.plan import Unit, plan_units
 from weightdiff.settings import ExtractSettings, updated
 from weightdiff.stream import Delta
 
 # 3 Gated DeltaNet layers, then full attention (q_proj 2×4×16 rows: query and output gate); 4 experts of 48.
-QWEN3_5 = dict(vocab_size=256, hidden_size=64, moe_intermediate_size=48, shared_expert_intermediate_size=40,
-               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
-               num_experts_per_tok=2, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-               linear_value_head_dim=16, tie_word_embeddings=False)
+QWEN3_5 = dict(
+    vocab_size=256,
+    hidden_size=64,
+    moe_intermediate_size=48,
+    shared_expert_intermediate_size=40,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=4,
+    num_experts_per_tok=2,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    tie_word_embeddings=False,
+)
 EDITED = ("self_attn.", "linear_attn.in_proj", "linear_attn.out_proj", "shared_expert.", "mlp.experts.")
 EXPERT_PARAMETERS = ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
 
@@ -51,7 +63,9 @@ def low_rank_edit(model: torch.nn.Module, rank: int = 2, size: float = 0.3, seed
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2 and any(e in name for e in EDITED):
-                delta = torch.randn(*p.shape[:-1], rank, generator=g) @ torch.randn(*p.shape[:-2], rank, p.shape[-1], generator=g)
+                delta = torch.randn(*p.shape[:-1], rank, generator=g) @ torch.randn(
+                    *p.shape[:-2], rank, p.shape[-1], generator=g
+                )
                 p.add_(delta * size * p.norm(dim=(-2, -1), keepdim=True) / delta.norm(dim=(-2, -1), keepdim=True))
     return model
 
@@ -66,10 +80,14 @@ def qwen3_5_moe() -> Qwen3_5MoeForCausalLM:
 
 
 def under_language_model(model_dir: Path) -> None:
-    """Renames `model.*` tensors to `model.language_model.*`, the Hub's Qwen3.5 layout (transformers drops it on load)."""
+    """Renames `model.*` tensors to `model.language_model.*`, the Hub's Qwen3.5 layout (transformers drops it on
+    load)."""
     tensors = load_file(model_dir / "model.safetensors")
-    save_file({k.replace("model.", "model.language_model.", 1): v for k, v in tensors.items()},
-              model_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k.replace("model.", "model.language_model.", 1): v for k, v in tensors.items()},
+        model_dir / "model.safetensors",
+        metadata={"format": "pt"},
+    )
 
 
 def save_pair(model: torch.nn.Module, root: Path, fused: bool) -> tuple[Path, Path]:
@@ -102,10 +120,16 @@ def test_index_recognises_experts_on_disk_both_ways_and_hybrid_layers(qwen3_moe_
     assert (gate["group"], gate["expert"], gate["module_type"], gate["layer"]) == ("experts", 3, "gate_proj", 1)
     stacked = fused["model.language_model.layers.3.mlp.experts.gate_up_proj"]
     assert (stacked["group"], stacked["expert"], stacked["module_type"], stacked["shape"]) == (
-        "experts", None, "experts.gate_up_proj", [4, 96, 64])
+        "experts",
+        None,
+        "experts.gate_up_proj",
+        [4, 96, 64],
+    )
     groups = {n.removeprefix("model.language_model.layers."): t["group"] for n, t in fused.items()}
     assert groups["0.linear_attn.in_proj_qkv.weight"] == "linear_attention"
-    assert groups["3.self_attn.q_proj.weight"] == "attention" and fused["model.language_model.layers.3.self_attn.q_proj.weight"]["shape"] == [128, 64]
+    assert groups["3.self_attn.q_proj.weight"] == "attention" and fused[
+        "model.language_model.layers.3.self_attn.q_proj.weight"
+    ]["shape"] == [128, 64]
     assert groups["0.mlp.shared_expert.down_proj.weight"] == "shared_expert"
     assert groups["0.mlp.shared_expert_gate.weight"] == "shared_expert_gate"
     assert groups["0.mlp.gate.weight"] == "router"
@@ -147,8 +171,9 @@ def test_every_expert_is_extracted_and_peft_on_a_reproduces_b(request, pair, tmp
         result = assert_streamed_equals_in_memory(manifest, tmp_path / "adapter", cfg.validate)
     assert result["kl_adapted"] <= 1e-4 and result["top1_adapted_confident"] == 1.0
     assert result["kl_base"] > 1000 * result["kl_adapted"]
-    partial = assert_streamed_equals_in_memory(manifest, without_experts(tmp_path / "adapter", tmp_path / "no_experts"),
-                                               cfg.validate)
+    partial = assert_streamed_equals_in_memory(
+        manifest, without_experts(tmp_path / "adapter", tmp_path / "no_experts"), cfg.validate
+    )
     assert partial["kl_adapted"] > 100 * max(result["kl_adapted"], 1e-6)  # the experts' factors are applied
 
 
@@ -158,15 +183,21 @@ def test_a_zero_delta_module_stays_unwrapped_on_qwen3_moe(qwen3_moe_pair, tmp_pa
     dir_a, dir_b = qwen3_moe_pair
     name = "model.layers.1.self_attn.v_proj.weight"
     same = load_file(dir_a / "model.safetensors")[name]
-    manifest, metrics, _ = run_extract(dir_a, edited_copy(dir_b, tmp_path / "b", lambda t: t.__setitem__(name, same)),
-                                       tmp_path / "adapter", cfg, rank=8)
+    manifest, metrics, _ = run_extract(
+        dir_a,
+        edited_copy(dir_b, tmp_path / "b", lambda t: t.__setitem__(name, same)),
+        tmp_path / "adapter",
+        cfg,
+        rank=8,
+    )
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert metrics["tensors_zero"] == 1 and "model.layers.0.self_attn.v_proj" in config["target_modules"]
     assert validated(manifest, tmp_path / "adapter", cfg.validate)["kl_adapted"] <= 1e-4  # raises on a missing key
 
 
 def per_expert_keys(factors: dict[str, torch.Tensor], experts: int) -> dict[str, torch.Tensor]:
-    """The same factors under per-expert 2D keys (experts.<e>.gate_proj/up_proj/down_proj), as transformers 4 named them."""
+    """The same factors under per-expert 2D keys (experts.<e>.gate_proj/up_proj/down_proj), as transformers 4
+    named them."""
     out = {}
     for key, value in factors.items():
         if ".experts." not in key:
@@ -174,11 +205,14 @@ def per_expert_keys(factors: dict[str, torch.Tensor], experts: int) -> dict[str,
             continue
         module, part = key.split(".experts.")[0] + ".experts", key.rsplit(".", 2)[1]
         projections = ("gate_proj", "up_proj") if ".base_layer." in key else ("down_proj",)
-        per_expert = (value.view(experts, -1, value.shape[1]) if part == "lora_A"
-                      else value.view(value.shape[0], -1, experts).permute(2, 0, 1))
+        per_expert = (
+            value.view(experts, -1, value.shape[1])
+            if part == "lora_A"
+            else value.view(value.shape[0], -1, experts).permute(2, 0, 1)
+        )
         for e in range(experts):
             rows = per_expert[e].chunk(len(projections)) if part == "lora_B" else [per_expert[e]] * len(projections)
-            out |= {f"{module}.{e}.{p}.{part}.weight": r.clone() for p, r in zip(projections, rows)}
+            out |= {f"{module}.{e}.{p}.{part}.weight": r.clone() for p, r in zip(projections, rows, strict=True)}
     return out
 
 
@@ -203,23 +237,27 @@ def test_experts_at_several_ranks_pad_to_one_r_in_the_layout_peft_applies(cfg):
     g = torch.Generator().manual_seed(0)
     dw = torch.stack([torch.randn(out, k, generator=g) @ torch.randn(k, inp, generator=g) * 0.01 for k in (1, 2, 3, 0)])
     param = "model.layers.0.mlp.experts.gate_up_proj"
-    settings = updated(cfg.extract, rank=8, rank_policy="energy", energy=0.99999, max_rank=8, alpha=6, dtype="fp32",
-                       device="cpu")
+    settings = updated(
+        cfg.extract, rank=8, rank_policy="energy", energy=0.99999, max_rank=8, alpha=6, dtype="fp32", device="cpu"
+    )
     unit = Unit("lora_experts", param, (param,))
     entry = {"dtype": "F32", "layer": 0, "expert": None}
-    (report,), factors = lora_experts(unit, [Delta(param, dw, dw.norm().item())], Method.resolve(settings, 10**6),
-                                      {param: entry})
+    (report,), factors = lora_experts(
+        unit, [Delta(param, dw, dw.norm().item())], Method.resolve(settings, 10**6), {param: entry}
+    )
     assert report["experts"]["rank"] == [1, 2, 3, 0] and report["rank"] == 3 and report["shape"] == [E, out, inp]
     assert report["experts"]["energy"][3] == 1.0 and max(report["experts"]["rel_error"]) < 1e-5
     lora_A, lora_B = factors[parameter_key(param, "lora_A")], factors[parameter_key(param, "lora_B")]
     assert lora_A.shape == (3 * E, inp) and lora_B.shape == (out, 3 * E)
     for e in range(E):  # ΔW[e] = scaling · B[:, e::E] @ A[e·r:(e+1)·r], scaling = alpha / r
-        assert torch.allclose(2.0 * lora_B[:, e::E] @ lora_A[3 * e:3 * e + 3], dw[e], atol=1e-6)
+        assert torch.allclose(2.0 * lora_B[:, e::E] @ lora_A[3 * e : 3 * e + 3], dw[e], atol=1e-6)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*target_modules.*")
-        peft_model = get_peft_model(tiny_moe.base_model(), LoraConfig(r=3, lora_alpha=6, target_modules=[],
-                                                                      target_parameters=["mlp.experts.gate_up_proj"]))
+        peft_model = get_peft_model(
+            tiny_moe.base_model(),
+            LoraConfig(r=3, lora_alpha=6, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"]),
+        )
     wrapper = peft_model.base_model.model.model.layers[0].mlp.experts
     with torch.no_grad():
         wrapper.lora_A["default"].weight.copy_(lora_A)
@@ -232,35 +270,65 @@ def test_keys_nest_as_peft_saves_them(adapted):
     """Both parameters of one module: gate_up_proj under .base_layer; one alone (the other's delta is zero): none."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*target_modules.*")
-        peft_model = get_peft_model(tiny_moe.base_model(), LoraConfig(r=2, target_modules=[], target_parameters=adapted))
+        peft_model = get_peft_model(
+            tiny_moe.base_model(), LoraConfig(r=2, target_modules=[], target_parameters=adapted)
+        )
     order = tuple(f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj"))
-    ours = peft_keys({parameter_key(p, part): torch.zeros(1) for p in order if any(p.endswith(a) for a in adapted)
-                      for part in ("lora_A", "lora_B")}, order)
+    ours = peft_keys(
+        {
+            parameter_key(p, part): torch.zeros(1)
+            for p in order
+            if any(p.endswith(a) for a in adapted)
+            for part in ("lora_A", "lora_B")
+        },
+        order,
+    )
     assert sorted(ours) == sorted(get_peft_model_state_dict(peft_model))
 
 
 def test_batched_svd_of_all_experts_matches_each_expert_alone():
     g = torch.Generator().manual_seed(0)
-    stack = torch.randn(6, 80, 5, generator=g) @ torch.randn(6, 5, 50, generator=g) + 1e-3 * torch.randn(6, 80, 50, generator=g)
+    stack = torch.randn(6, 80, 5, generator=g) @ torch.randn(6, 5, 50, generator=g) + 1e-3 * torch.randn(
+        6, 80, 50, generator=g
+    )
     batched = truncated_svd(stack, 5, "randomized", 10, 2, 0, 1e-4)
     assert batched.U.shape == (6, 80, 5) and batched.Vh.shape == (6, 5, 50)
     for e in range(6):
         alone = truncated_svd(stack[e], 5, "exact", 10, 2, 0, 1e-4)
         assert torch.allclose(batched.S[e], alone.S, rtol=1e-4)
-        assert torch.allclose(batched.U[e] @ torch.diag(batched.S[e]) @ batched.Vh[e], alone.U @ torch.diag(alone.S) @ alone.Vh, atol=1e-3)
+        assert torch.allclose(
+            batched.U[e] @ torch.diag(batched.S[e]) @ batched.Vh[e], alone.U @ torch.diag(alone.S) @ alone.Vh, atol=1e-3
+        )
 
 
 def planned(pair: tuple[Path, Path], target_modules) -> tuple[set[str], set[str]]:
     """(types of the lora units, in-memory paths of the lora_experts units, without layer) the targets select."""
     entry = index_of(pair)
-    plan = plan_units(entry["tensors"], ExtractSettings(target_modules=target_modules), ModelModules.from_json(entry["modules"]))
-    return ({u.module.rpartition(".")[2] for u in plan if u.action == "lora"},
-            {u.module.split(".", 3)[3] for u in plan if u.action == "lora_experts"})
+    plan = plan_units(
+        entry["tensors"], ExtractSettings(target_modules=target_modules), ModelModules.from_json(entry["modules"])
+    )
+    return (
+        {u.module.rpartition(".")[2] for u in plan if u.action == "lora"},
+        {u.module.split(".", 3)[3] for u in plan if u.action == "lora_experts"},
+    )
 
 
 def test_target_selection_by_name_and_preset(qwen3_5_moe_pair, qwen3_moe_pair):
-    everything = {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b",
-                  "out_proj", "gate_proj", "up_proj", "down_proj", "shared_expert_gate"}
+    everything = {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "in_proj_qkv",
+        "in_proj_z",
+        "in_proj_a",
+        "in_proj_b",
+        "out_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "shared_expert_gate",
+    }
     experts = {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
     assert planned(qwen3_5_moe_pair, "all-linear") == (everything, experts)  # no lm_head, no router
     assert planned(qwen3_5_moe_pair, ["q_proj", "experts"]) == ({"q_proj"}, experts)

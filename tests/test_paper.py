@@ -1,68 +1,228 @@
-"""The paper from a synthetic run: its numbers come from the inputs, its verdicts follow them, the PDF is whole."""
+"""The paper from synthetic runs: its numbers come from the inputs, its sentences follow the options the run had
+(rank policy, experts, extras), its verdicts follow the numbers, and the PDF is whole."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import jinja2
+import networkx as nx
 import pymupdf
 import pytest
-from test_figures import synthetic_divergence, synthetic_energy_curve, synthetic_tensors, write_dvc_yaml
+from dvc.repo import Repo
 
+from helpers_report import (
+    RANK,
+    energy_curve,
+    expert_reports,
+    extra_reports,
+    extract_metrics,
+    synthetic_divergence,
+    synthetic_reports,
+)
 from weightdiff.figures import FIGURE_NAMES, write_figures
-from weightdiff.paper import energy_verdict, fmt_bytes, fmt_energy, fmt_num, kl_verdict, write_paper
+from weightdiff.report import facts
+from weightdiff.report.facts import (
+    energy_at,
+    energy_verdict,
+    experts_facts,
+    extras_facts,
+    fmt_bytes,
+    fmt_energy,
+    fmt_num,
+    kept_energy,
+    kl_factor,
+    kl_verdict,
+    module_type_rows,
+    rank_facts,
+    rank_text,
+    target_names,
+)
+from weightdiff.report.paper import paper_markdown, write_paper
 
 SHA_A = "060db6499f32faf8b98477b0a26969ef7d8b9987"
 SHA_B = "7ae557604adf67be50417f59c2c2f167def9a775"
+# Per-module ranks an energy policy could have chosen: 2..8, so PEFT's r is 8 and the spread is 2–8.
+ADAPTIVE_RANKS = [2, 3, 4, 5, 6, 7, 8] * 3
 
 
-def synthetic_run() -> dict:
+def synthetic_run(reports: list[dict] | None = None, policy: str = "fixed") -> dict:
     """The dict the paper stage assembles, shaped as FORMATS.md describes, with distinctive numbers."""
-    tensors = synthetic_tensors()
+    reports = synthetic_reports() if reports is None else reports
+    metrics = extract_metrics(reports, policy=policy)
     return {
         "manifest": {
-            "model_a": {"source": "org/base", "kind": "hub", "path": "/cache/a", "revision": SHA_A,
-                        "files": [{"name": "model.safetensors", "size": 988_097_824},
-                                  {"name": "config.json", "size": 700}]},
-            "model_b": {"source": "org/tuned", "kind": "hub", "path": "/cache/b", "revision": SHA_B,
-                        "files": [{"name": "model.safetensors", "size": 988_097_824}]},
+            "model_a": {
+                "source": "org/base",
+                "kind": "hub",
+                "path": "/cache/a",
+                "revision": SHA_A,
+                "files": [{"name": "model.safetensors", "size": 988_097_824}, {"name": "config.json", "size": 700}],
+            },
+            "model_b": {
+                "source": "org/tuned",
+                "kind": "hub",
+                "path": "/cache/b",
+                "revision": SHA_B,
+                "files": [{"name": "model.safetensors", "size": 988_097_824}],
+            },
         },
-        "extract": {"rank": 4, "alpha": 8.0, "tensors_total": 22, "tensors_extracted": 21, "tensors_zero": 1,
-                    "tensors_clamped": 0, "energy": 0.6123, "energy_min": 0.5, "rel_error_max": 0.7071,
-                    "delta_norm_total": 12.5, "adapter_bytes": 17_596_416, "model_bytes": 988_097_824,
-                    "compression_ratio": 56.153, "adapter_params": 8_798_208, "seconds": 93.44},
-        "tensors": tensors,
-        "validate": {"kl_adapted": 2.5e-6, "kl_base": 0.0834, "top1_adapted": 0.996, "top1_base": 0.875,
-                     "tokens": 256, "gap_closed": 1 - 2.5e-6 / 0.0834, "texts": "built-in"},
+        "extract": metrics,
+        "tensors": reports,
+        "energy": energy_curve(reports, metrics["rank_max"]),
+        "validate": {
+            "kl_adapted": 2.5e-6,
+            "kl_base": 0.0834,
+            "top1_adapted": 0.996,
+            "top1_base": 0.875,
+            "tokens": 256,
+            "gap_closed": 1 - 2.5e-6 / 0.0834,
+            "texts": "built-in",
+        },
         "layers": synthetic_divergence(),
         "gguf": {"arch": "llama", "tensors": 44, "bytes": 35_200_000, "dtype": "f32"},
-        "params": {"model_a": "org/base", "model_b": "org/tuned",
-                   "extract": {"rank": 4, "alpha": None, "target_modules": ["q_proj", "k_proj", "v_proj"],
-                               "dtype": "bf16", "svd": {"method": "randomized", "oversample": 10,
-                                                        "power_iters": 2, "seed": 0}},
-                   "validate": {"device": "cpu"}},
+        "params": {
+            "model_a": "org/base",
+            "model_b": "org/tuned",
+            "extract": {
+                "rank": RANK,
+                "rank_policy": policy,
+                "energy": 0.9,
+                "max_rank": 64,
+                "alpha": None,
+                "target_modules": ["q_proj", "k_proj", "v_proj"],
+                "dtype": "bf16",
+                "svd": {"method": "randomized", "oversample": 10, "power_iters": 2, "seed": 0},
+            },
+            "validate": {"device": "cpu"},
+        },
     }
+
+
+def markdown_of(run: dict, root: Path = Path("/repo")) -> str:
+    return paper_markdown(facts.paper_facts(run, root / "reports" / "figures", root / "reports" / "paper"))
 
 
 @pytest.fixture(scope="module")
 def paper(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("repo")
     run = synthetic_run()
-    write_figures(run["tensors"], synthetic_energy_curve(run["tensors"]), run["layers"], write_dvc_yaml(root),
-                  root / "reports" / "figures")
+    pipeline = nx.DiGraph([("extract", "figures"), ("figures", "paper")])
+    write_figures(run["tensors"], run["energy"], run["extract"], run["layers"], pipeline, root / "reports" / "figures")
     return write_paper(run, root / "reports" / "figures", root / "reports" / "paper")
 
 
 def test_markdown_carries_the_runs_numbers(paper: tuple[Path, Path]) -> None:
     text = paper[0].read_text()
-    for expected in ("rank-4", "r = 4", "2.50 × 10⁻⁶", "0.0834", "56.2:1", SHA_A, SHA_B, "16.8 MiB",
-                     "942.3 MiB", "0.6123", "87.5%", "99.6%", "256 tokens", "closes 99.997% of the KL gap", "what it leaves is 3.00 × 10⁻⁵",
-                     "weightdiff's built-in evaluation text", "is after layer 3", "93.4 s", "33.6 MiB",
-                     f"{os.cpu_count()} CPU cores", "model.layers.1.self_attn.v_proj.weight"):
+    for expected in (
+        "rank-4",
+        "r = 4",
+        "2.50 × 10⁻⁶",
+        "0.0834",
+        "56.2:1",
+        SHA_A,
+        SHA_B,
+        "16.8 MiB",
+        "942.3 MiB",
+        "0.6123",
+        "87.5%",
+        "99.6%",
+        "256 tokens",
+        "closes 99.997% of the KL gap",
+        "what it leaves is 3.00 × 10⁻⁵",
+        "weightdiff's built-in evaluation text",
+        "is after layer 3",
+        "93.4 s",
+        "33.6 MiB",
+        f"{os.cpu_count()} CPU cores",
+        "model.layers.1.self_attn.v_proj.weight",
+        "`model.embed_tokens.weight` (0.5000 at rank 4; the target\n  0.9 needs rank 210)",
+        "at most 3.20 × 10⁻⁷ more",
+    ):
         assert expected in text, expected
-    for heading in ("## Abstract", "## 1. Introduction", "## 2. Method", "## 3. Experiments", "## 4. Results",
-                    "## 5. Discussion", "## 6. Conclusion"):
+    for heading in (
+        "## Abstract",
+        "## 1. Introduction",
+        "## 2. Method",
+        "## 3. Experiments",
+        "## 4. Results",
+        "## 5. Discussion",
+        "## 6. Conclusion",
+    ):
         assert heading in text
     assert "ΔW is not low-rank" in text  # energy 0.61 must not be called low-rank
+
+
+def test_claims_false_under_some_options_are_gone(paper: tuple[Path, Path]) -> None:
+    text = paper[0].read_text()
+    for gone in ("2-D linear layer", "Peak memory", "two tensors plus the SVD workspace", "is not carried over"):
+        assert gone not in text, gone
+
+
+def test_rank_subsection_reads_the_energy_curve() -> None:
+    run = synthetic_run()
+    curve = run["energy"]
+    text = markdown_of(run)
+    assert (
+        f"At r/2 = 2 the fraction would be\n{fmt_energy(curve[1]['energy'])}, and at rank 1 "
+        f"{fmt_energy(curve[0]['energy'])}" in text
+    )
+    run["energy"] = [row | {"energy": 0.25 * row["rank"] - 0.01} for row in curve]  # a curve no spectrum gives
+    assert "the fraction would be\n0.4900, and at rank 1 0.2400" in markdown_of(run)
+
+
+def test_a_fixed_rank_paper_says_one_rank_and_no_spread() -> None:
+    text = markdown_of(synthetic_run())
+    assert "a rank-4 LoRA adapter" in text and "At rank r = 4 the adapter covers" in text
+    assert "| Rank policy | fixed |" in text and "rank_pattern" not in text and "adaptive" not in text
+    assert "rank-clamped" in text
+
+
+def test_an_adaptive_rank_paper_prints_the_adapters_r_and_the_spread() -> None:
+    run = synthetic_run(synthetic_reports(ADAPTIVE_RANKS), policy="energy")
+    assert run["extract"]["rank"] == 8 and run["params"]["extract"]["rank"] == RANK
+    text = markdown_of(run)
+    assert "an adaptive-rank (r = 8) LoRA adapter" in text
+    assert "energy policy: ranks 2–8, mean 5.0, so PEFT's r = 8" in text
+    assert "| Rank r | 8 (per-module ranks 2–8, mean 5.0) |" in text
+    assert "| Rank policy | energy (target 0.9, cap 64) |" in text
+    assert "keeps 0.9 of the module's ‖ΔW‖²_F, capped at\n64" in text
+    assert "Each module's α_i is its own r_i, so s_i = 1." in text
+    mean_rank = round(run["extract"]["rank_mean"])
+    at_mean = fmt_energy(energy_at(run["energy"], mean_rank))
+    assert f"A fixed rank of the\nsame mean size, {mean_rank}, would keep {at_mean}" in text
+    assert "the adapter, at ranks 2–8 (mean 5.0), keeps only 61.2%" in text
+    assert "rank-4" not in text and "r = 4" not in text and "rank-clamped" not in text
+    noise = markdown_of(synthetic_run(synthetic_reports(ADAPTIVE_RANKS), policy="noise_floor"))
+    assert "rounding noise" in noise and "| Rank policy | noise_floor (cap 64) |" in noise
+
+
+def test_experts_are_mentioned_only_when_there_are_lora_experts() -> None:
+    plain = markdown_of(synthetic_run())
+    assert "expert" not in plain.lower()
+    moe = markdown_of(synthetic_run(synthetic_reports() + expert_reports()))
+    assert "6 of them fused MoE expert parameters of 4 experts each" in moe
+    assert "a stack of 4 matrices, one per expert" in moe
+    assert "| MoE experts | 6 fused parameters in 3 layers, 4 experts each, per-expert ranks 2–3 |" in moe
+    assert "the worst expert keeps 0.7000" in moe
+    assert "| experts.gate_up_proj | 4×128×64 | 3 | 0 |" in moe
+
+
+def test_extras_are_described_only_when_present() -> None:
+    bare = [r for r in synthetic_reports() if r["action"] != "lora_embedding"]
+    plain = markdown_of(synthetic_run(bare))
+    for absent in ("modules_to_save", "lora_bias", "lora_embedding", "left out", "and extras"):
+        assert absent not in plain, absent
+    assert "deltas in other tensors are not carried over" in plain
+
+    text = markdown_of(synthetic_run(synthetic_reports() + extra_reports()))
+    assert "### 2.5 Targets and extras" in text
+    assert "Saved whole (PEFT `modules_to_save`): `model.norm` (1 module,\n  128 bytes)" in text
+    assert "carried whole in `lora_B.bias` (PEFT `lora_bias`): 1." in text
+    assert "Embedding tables as LoRA factors (`lora_embedding_A`/`lora_embedding_B`): 1." in text
+    assert "Measured and left out: 1 tensor (input_layernorm) with a combined ‖ΔW‖_F of\n  0.300" in text
+    assert "**What the adapter leaves out.**" in text and "not carried over" not in text
 
 
 def test_markdown_links_figures_relative_to_the_paper(paper: tuple[Path, Path]) -> None:
@@ -70,13 +230,15 @@ def test_markdown_links_figures_relative_to_the_paper(paper: tuple[Path, Path]) 
     for name in FIGURE_NAMES:
         assert f"](../figures/{name})" in text
         assert (paper[0].parent / "../figures" / name).is_file()
+    numbers = [text.index(f"*Figure {i}: ") for i in range(1, len(FIGURE_NAMES) + 1)]
+    assert numbers == sorted(numbers), "figures are numbered in the order they appear"
 
 
 def test_pdf_has_pages_text_and_unclipped_figures(paper: tuple[Path, Path]) -> None:
     doc = pymupdf.open(paper[1])
     assert doc.page_count >= 2
     text = " ".join(" ".join(page.get_text() for page in doc).split())
-    for expected in ("2.50 × 10⁻⁶", "56.2:1", SHA_A, "KL(B ‖ A + adapter)", "Σ_r", "σ₁"):
+    for expected in ("2.50 × 10⁻⁶", "56.2:1", SHA_A, "KL(B ‖ A + adapter)", "Σ_r", "σ₁", "Energy kept"):
         assert expected in text, expected
     placed = [(page, rect) for page in doc for xref, *_ in page.get_images() for rect in page.get_image_rects(xref)]
     assert len(placed) == len(FIGURE_NAMES)
@@ -85,13 +247,107 @@ def test_pdf_has_pages_text_and_unclipped_figures(paper: tuple[Path, Path]) -> N
     assert sorted(p.name for p in paper[1].parent.iterdir()) == ["paper.md", "paper.pdf"]
 
 
+def test_the_pdf_renderer_is_replaceable(tmp_path: Path) -> None:
+    seen = {}
+
+    def renderer(text: str, base_dir: Path) -> bytes:
+        seen.update(text=text, base_dir=base_dir)
+        return b"%PDF-stand-in"
+
+    md, pdf = write_paper(synthetic_run(), tmp_path / "figures", tmp_path / "paper", render_pdf=renderer)
+    assert pdf.read_bytes() == b"%PDF-stand-in" and seen == {"text": md.read_text(), "base_dir": tmp_path / "paper"}
+
+
+def test_a_fact_the_template_needs_but_lacks_is_an_error() -> None:
+    run_facts = facts.paper_facts(synthetic_run(), Path("f"), Path("p"))
+    del run_facts["curve"]
+    with pytest.raises(jinja2.UndefinedError, match="curve"):
+        paper_markdown(run_facts)
+
+
 def test_verdicts_follow_the_numbers() -> None:
-    assert "numerically low-rank" in energy_verdict(0.9995, 16)
-    assert "approximately low-rank" in energy_verdict(0.95, 16)
-    assert "not low-rank" in energy_verdict(0.5, 16)
-    assert "reduces KL" in kl_verdict({"kl_base": 0.08, "kl_adapted": 0.02})
-    assert "increases KL" in kl_verdict({"kl_base": 0.02, "kl_adapted": 0.08})
-    assert "exactly 0" in kl_verdict({"kl_base": 0.02, "kl_adapted": 0.0})
+    assert energy_verdict(0.9995) == "numerically_low_rank"
+    assert energy_verdict(0.95) == "approximately_low_rank"
+    assert energy_verdict(0.5) == "not_low_rank"
+    assert kl_verdict({"kl_base": 0.08, "kl_adapted": 0.02}) == "reduces"
+    assert kl_factor({"kl_base": 0.08, "kl_adapted": 0.02}) == pytest.approx(4)
+    assert kl_verdict({"kl_base": 0.02, "kl_adapted": 0.08}) == "increases"
+    assert kl_factor({"kl_base": 0.02, "kl_adapted": 0.08}) == pytest.approx(4)
+    assert kl_verdict({"kl_base": 0.02, "kl_adapted": 0.0}) == "exact"
+    assert kl_verdict({"kl_base": 0.0, "kl_adapted": 0.0}) == "no_gap"
+
+
+def test_verdict_sentences_follow_the_verdicts() -> None:
+    run = synthetic_run()
+    run["extract"] |= {"energy": 0.9995}
+    run["validate"] |= {"kl_adapted": 0.2}
+    text = markdown_of(run)
+    assert "ΔW is numerically low-rank: the adapter, at rank 4, keeps all but 5.00 × 10⁻⁴" in text
+    assert "The adapter increases KL(B ‖ ·) by a factor of 2.40: it makes A less like B." in text
+    assert "the adapter does not move A towards B" in text
+
+
+def test_rank_facts_and_rank_text() -> None:
+    reports = synthetic_reports(ADAPTIVE_RANKS)
+    metrics = extract_metrics(reports, policy="energy")
+    ranks = rank_facts(metrics, {"extract": {"energy": 0.9, "max_rank": 64}})
+    assert (ranks["r"], ranks["min"], ranks["max"], ranks["adaptive"]) == (8, 2, 8, True)
+    assert rank_text(ranks) == "ranks 2–8 (mean 5.0)"
+    assert rank_text(rank_facts(extract_metrics(synthetic_reports()), {"extract": {}})) == "rank 4"
+
+
+def test_energy_at_stays_at_the_last_value_past_the_curve() -> None:
+    curve = [{"rank": 1, "energy": 0.5}, {"rank": 2, "energy": 0.75}]
+    assert (energy_at(curve, 1), energy_at(curve, 2), energy_at(curve, 16)) == (0.5, 0.75, 0.75)
+
+
+def test_module_type_rows_pool_the_energy_the_adapter_keeps() -> None:
+    """Energy pooled by ‖ΔW‖² at each tensor's own rank; a bias riding on q_proj adds no tensor to the table."""
+    a = {
+        "name": "a.weight",
+        "module": "a",
+        "module_type": "q_proj",
+        "layer": 0,
+        "action": "lora",
+        "shape": [4, 4],
+        "status": "extracted",
+        "delta_norm": 1.0,
+        "rank": 2,
+        "energy": 0.5,
+        "singular_values": [0.6, 0.4],
+    }
+    b = a | {"name": "b.weight", "delta_norm": 3.0, "rank": 5, "energy": 0.9}
+    zero = {k: v for k, v in a.items() if k not in ("rank", "energy", "singular_values")} | {
+        "name": "z.weight",
+        "delta_norm": 0.0,
+        "status": "zero",
+    }
+    bias = {
+        "name": "a.bias",
+        "module": "a",
+        "module_type": "q_proj",
+        "layer": 0,
+        "action": "lora",
+        "shape": [4],
+        "status": "extracted",
+        "delta_norm": 0.1,
+    }
+    [row] = module_type_rows([a, b, zero, bias])
+    assert (row["count"], row["zero"], row["ranks"]) == (3, 1, "2–5")
+    assert row["energy"] == pytest.approx((0.5 * 1 + 0.9 * 9) / 10)
+    assert kept_energy([zero]) is None
+
+
+def test_extras_and_experts_facts() -> None:
+    reports = synthetic_reports() + extra_reports() + expert_reports()
+    metrics = extract_metrics(reports)
+    extras = extras_facts(reports, metrics)
+    assert extras["saved"] == ["model.norm"] and extras["biases"] == ["model.layers.0.self_attn.q_proj.bias"]
+    assert extras["embeddings"] == ["model.embed_tokens"] and extras["skipped"] == 1 and extras["carried"]
+    assert experts_facts(synthetic_reports()) is None
+    moe = experts_facts(reports)
+    assert (moe["parameters"], moe["experts"], moe["layers"], moe["ranks"]) == (6, 4, 3, "2–3")
+    assert moe["types"] == ["experts.gate_up_proj", "experts.down_proj"]
 
 
 def test_number_formats() -> None:
@@ -106,7 +362,50 @@ def test_number_formats() -> None:
 
 
 def test_a_target_preset_is_named_whole() -> None:
-    from weightdiff.paper import target_names
-
     assert target_names({"extract": {"target_modules": "auto"}}) == ["auto"]
     assert target_names({"extract": {"target_modules": ["q_proj", "v_proj"]}}) == ["q_proj", "v_proj"]
+
+
+def test_the_stages_hand_their_files_to_figures_and_paper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stages/figures.py and stages/paper.py, run in a DVC project on FORMATS.md's files."""
+    from omegaconf import OmegaConf
+
+    from stages import figures as figures_stage
+    from stages import paper as paper_stage
+    from weightdiff.files import write_csv, write_json
+
+    Repo.init(str(tmp_path), no_scm=True).close()
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  figures:\n    cmd: echo\n    outs: [reports/figures]\n  paper:\n"
+        "    cmd: echo\n    deps: [reports/figures]\n    outs: [reports/paper]\n"
+    )
+    run = synthetic_run()
+    paths = {
+        name: f"in/{name}"
+        for name in (
+            "manifest",
+            "tensors",
+            "extract_metrics",
+            "validate_metrics",
+            "gguf_metrics",
+            "energy_curve",
+            "layer_divergence",
+        )
+    }
+    for key, name in (
+        ("manifest", "manifest"),
+        ("tensors", "tensors"),
+        ("extract_metrics", "extract"),
+        ("validate_metrics", "validate"),
+        ("gguf_metrics", "gguf"),
+    ):
+        write_json(tmp_path / paths[key], run[name])
+    write_csv(tmp_path / paths["energy_curve"], run["energy"])
+    write_csv(tmp_path / paths["layer_divergence"], run["layers"])
+    cfg = OmegaConf.create(run["params"] | {"paths": paths | {"figures": "reports/figures", "paper": "reports/paper"}})
+    monkeypatch.chdir(tmp_path)
+    figures_stage.main(cfg)
+    paper_stage.main(cfg)
+    assert sorted(p.name for p in (tmp_path / "reports/figures").iterdir()) == sorted(FIGURE_NAMES)
+    text = (tmp_path / "reports/paper/paper.md").read_text()
+    assert "a rank-4 LoRA adapter" in text and (tmp_path / "reports/paper/paper.pdf").read_bytes()[:5] == b"%PDF-"

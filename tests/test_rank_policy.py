@@ -1,13 +1,13 @@
 """Adaptive ranks (energy target, noise floor), loaded by PEFT through rank_pattern/alpha_pattern, the
 randomized SVD's sampled accuracy check, and the diagnosis of deltas that are not low-rank."""
+
 from __future__ import annotations
 
 import json
 
 import torch
 
-from helpers import validated
-from helpers import edited_copy, run_extract
+from helpers import edited_copy, run_extract, validated
 from weightdiff.rank import auto_rank, energy_rank, noise_floor
 
 
@@ -31,8 +31,9 @@ def test_auto_rank_follows_the_seeds_decision_tree():
 
 
 def test_energy_policy_ranks_are_loaded_by_peft_through_patterns(tiny_pair, tmp_path, cfg):
-    manifest, metrics, reports = run_extract(*tiny_pair, tmp_path / "adapter", cfg, rank_policy="energy",
-                                             energy=0.99, max_rank=24)
+    manifest, metrics, reports = run_extract(
+        *tiny_pair, tmp_path / "adapter", cfg, rank_policy="energy", energy=0.99, max_rank=24
+    )
     linear = [r for r in reports if r["action"] == "lora"]
     ranks = {r["module"]: r["rank"] for r in linear}
     config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
@@ -47,7 +48,9 @@ def test_energy_policy_ranks_are_loaded_by_peft_through_patterns(tiny_pair, tmp_
 
 def test_noise_floor_finds_the_rank_of_two_merged_loras(tiny_pair, tmp_path, cfg):
     """Two r=8 LoRAs merged: signal of rank 16 per module; above it only bf16 rounding noise."""
-    manifest, metrics, reports = run_extract(*tiny_pair, tmp_path / "adapter", cfg, rank_policy="noise_floor", max_rank=40)
+    manifest, metrics, reports = run_extract(
+        *tiny_pair, tmp_path / "adapter", cfg, rank_policy="noise_floor", max_rank=40
+    )
     assert {r["rank"] for r in reports if r["action"] == "lora"} == {16}
     assert all(r["singular_values"][-1] > r["noise_floor"] for r in reports if r["action"] == "lora")
     assert validated(manifest, tmp_path / "adapter", cfg.validate)["kl_adapted"] <= 1e-4

@@ -1,4 +1,5 @@
 """A killed extraction resumes where it stopped and writes the same bytes as an uninterrupted run."""
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,19 @@ def test_kill_9_half_way_then_resume_gives_identical_adapter(tiny_pair, tmp_path
     for name, obj in (("manifest", manifest), ("index", index), ("settings", settings)):
         (tmp_path / f"{name}.json").write_text(json.dumps(obj))
     ckpt = tmp_path / "ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXTRACT, *(str(tmp_path / f"{n}.json") for n in ("manifest", "index", "settings")),
-                             str(tmp_path / "resumed"), str(ckpt)], env=os.environ | {"PYTHONPATH": str(REPO)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLOW_EXTRACT,
+            *(str(tmp_path / f"{n}.json") for n in ("manifest", "index", "settings")),
+            str(tmp_path / "resumed"),
+            str(ckpt),
+        ],
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while len(list(ckpt.glob("*/*.safetensors"))) < 6:
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]

@@ -1,4 +1,5 @@
 """The product's promise, on real tiny models: PEFT loading the extracted adapter on A reproduces B."""
+
 from __future__ import annotations
 
 import json
@@ -68,7 +69,10 @@ def test_zero_delta_tensor_is_skipped_and_the_adapter_still_loads_cleanly(tiny_p
 def test_rank_above_dimensions_is_clamped_per_module(tiny_pair, tmp_path, cfg):
     manifest, metrics, reports = run_extract(*tiny_pair, tmp_path / "adapter", cfg, rank=100, alpha=50)
     assert metrics["tensors_clamped"] == 14
-    assert {r["rank"] for r in reports if r["action"] == "lora"} == {64, 32}  # min(out, in): k/v project to 2 kv heads × 16
+    assert {r["rank"] for r in reports if r["action"] == "lora"} == {
+        64,
+        32,
+    }  # min(out, in): k/v project to 2 kv heads × 16
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["rank_pattern"][r"model\.layers\.0\.self_attn\.k_proj"] == 32
     assert len(config["rank_pattern"]) == 14
@@ -96,10 +100,13 @@ def test_extraction_is_deterministic(tiny_pair, tmp_path, cfg):
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes()
 
 
-@pytest.mark.parametrize("rename", [
-    lambda k: k.replace(".weight", ".default"),  # the seeds' key format: PEFT loads nothing
-    lambda k: k.replace("q_proj", "qkv_proj"),  # keys PEFT has no module for
-])
+@pytest.mark.parametrize(
+    "rename",
+    [
+        lambda k: k.replace(".weight", ".default"),  # the seeds' key format: PEFT loads nothing
+        lambda k: k.replace("q_proj", "qkv_proj"),  # keys PEFT has no module for
+    ],
+)
 def test_validate_fails_on_keys_peft_does_not_load(tiny_pair, tmp_path, cfg, rename):
     manifest, _, _ = run_extract(*tiny_pair, tmp_path / "adapter", cfg)
     path = tmp_path / "adapter" / "adapter_model.safetensors"
@@ -112,15 +119,26 @@ def test_extraction_needs_no_model_code(tiny_pair, tmp_path, cfg):
     """A rank sweep reruns extract alone: the module layout comes from the index, never from importing
     transformers' model code and building the model (~3 s of start-up each time)."""
     manifest = local_manifest(*tiny_pair)
-    for name, obj in (("index", build_index(manifest)), ("manifest", manifest),
-                      ("settings", plain(cfg.extract) | {"rank": 4})):
+    for name, obj in (
+        ("index", build_index(manifest)),
+        ("manifest", manifest),
+        ("settings", plain(cfg.extract) | {"rank": 4}),
+    ):
         (tmp_path / f"{name}.json").write_text(json.dumps(obj))
-    code = ("import json, sys; from pathlib import Path; "
-            "from weightdiff.extract import extract; from weightdiff.settings import ExtractSettings, typed; "
-            "index, manifest, settings = (json.loads(Path(sys.argv[1], n + '.json').read_text()) for n in ('index', 'manifest', 'settings')); "
-            "metrics, _, _ = extract(index, manifest, typed(ExtractSettings, settings), Path(sys.argv[1], 'adapter'), "
-            "Path(sys.argv[1], 'resume')); "
-            "print(metrics['tensors_extracted'], sorted(m for m in sys.modules if m.startswith('transformers')))")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1])
+    code = (
+        "import json, sys; from pathlib import Path; "
+        "from weightdiff.extract import extract; from weightdiff.settings import ExtractSettings, typed; "
+        "index, manifest, settings = (json.loads(Path(sys.argv[1], n + '.json').read_text()) "
+        "for n in ('index', 'manifest', 'settings')); "
+        "metrics, _, _ = extract(index, manifest, typed(ExtractSettings, settings), Path(sys.argv[1], 'adapter'), "
+        "Path(sys.argv[1], 'resume')); "
+        "print(metrics['tensors_extracted'], sorted(m for m in sys.modules if m.startswith('transformers')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[1],
+    )
     assert out.stdout.split() == ["14", "[]"]

@@ -8,10 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import assert_streamed_equals_in_memory, validated
 from omegaconf import OmegaConf
-from helpers import run_extract
 
+from helpers import assert_streamed_equals_in_memory, run_extract, validated
 from weightdiff import layerwise
 from weightdiff.errors import WeightdiffError
 

@@ -3,6 +3,7 @@
 Our extractor does not write MoE adapters yet, so the reference adapter comes from PEFT: whatever
 PEFT saves for fused experts is by definition the layout the GGUF export has to read.
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,14 +14,30 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 # moe_intermediate_size 48: gate_up_proj is [E, 96, 64], down_proj [E, 64, 48], so no two shapes coincide.
-CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
-              max_position_embeddings=256, tie_word_embeddings=False)
+CONFIG = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 # Non-uniform on purpose: experts and attention at different ranks and alphas, one layer's q_proj apart.
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-            target_parameters=EXPERT_PARAMETERS, rank_pattern={"down_proj": 2, r"layers\.1\.self_attn\.q_proj": 8},
-            alpha_pattern={"gate_up_proj": 3.0, r"layers\.1\.self_attn\.q_proj": 4.0})
+LORA = dict(
+    r=4,
+    lora_alpha=8,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    target_parameters=EXPERT_PARAMETERS,
+    rank_pattern={"down_proj": 2, r"layers\.1\.self_attn\.q_proj": 8},
+    alpha_pattern={"gate_up_proj": 3.0, r"layers\.1\.self_attn\.q_proj": 4.0},
+)
 
 
 def base_model(seed: int = 0) -> Qwen3MoeForCausalLM:

@@ -19,15 +19,22 @@ from weightdiff.lowrank import frobenius_norms
 from weightdiff.peft_format import embedding_keys, lora_bias_key, lora_keys, parameter_key, saved_key
 from weightdiff.plan import Unit
 from weightdiff.rank import noise_floor
-from weightdiff.records import TensorReport
+from weightdiff.records import ExpertArrays, TensorReport
 from weightdiff.stream import Delta
 
 Result = tuple[list[TensorReport], dict[str, torch.Tensor]]
 
 
 def report(unit: Unit, name: str, entry: dict, shape: list[int], delta_norm: float, module_type: str) -> TensorReport:
-    return {"name": name, "module": unit.module, "module_type": module_type, "layer": entry["layer"],
-            "action": unit.action, "shape": shape, "delta_norm": delta_norm}
+    return {
+        "name": name,
+        "module": unit.module,
+        "module_type": module_type,
+        "layer": entry["layer"],
+        "action": unit.action,
+        "shape": shape,
+        "delta_norm": delta_norm,
+    }
 
 
 def tensor_report(unit: Unit, delta: Delta, entry: dict) -> TensorReport:
@@ -41,8 +48,13 @@ def zero(r: TensorReport) -> TensorReport:
 
 def extracted(r: TensorReport, low: LowRank, floor: float | None) -> TensorReport:
     """The report of a one-matrix decomposition; `floor`: the noise floor the rank was chosen against."""
-    r = r | {"status": "extracted", "rank": low.rank, "energy": low.energies()[0].item(),
-             "rel_error": low.rel_errors()[0].item(), "singular_values": low.S[0].tolist()}
+    r = r | {
+        "status": "extracted",
+        "rank": low.rank,
+        "energy": low.energies()[0].item(),
+        "rel_error": low.rel_errors()[0].item(),
+        "singular_values": low.S[0].tolist(),
+    }
     return r if floor is None else r | {"noise_floor": floor}
 
 
@@ -58,8 +70,11 @@ def lora(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str, dict]) 
     r = tensor_report(unit, weight, entry)
     if weight.norm == 0.0 and (bias is None or not bias.value.any()):
         return [zero(r)], {}
-    shape = tuple(weight.value.shape)
-    floor = noise_floor(shape, entry["dtype"], weight.rms_a, weight.rms_b) if method.policy == "noise_floor" else None
+    shape = (weight.value.shape[0], weight.value.shape[1])
+    floor = None
+    if method.policy == "noise_floor":  # the stream measured the weights' RMS for this policy
+        assert weight.rms_a is not None and weight.rms_b is not None
+        floor = noise_floor(shape, entry["dtype"], weight.rms_a, weight.rms_b)
     low = method.decompose(weight.value, measured(weight), weight.name, floor=floor or 0.0)
     key_a, key_b = lora_keys(unit.module)
     factors = {key_a: low.A[0], key_b: low.B[0]}
@@ -112,19 +127,40 @@ def lora_experts(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str,
     norm = norms.norm().item()
     r = report(unit, unit.module, tensors[unit.tensors[0]], [E, m, n], norm, module_type(unit.module))
     if norm == 0.0:
-        return [zero(r) | {"experts": {"rank": [0] * E, "delta_norm": [0.0] * E, "energy": [1.0] * E,
-                                       "rel_error": [0.0] * E, "singular_values": [[] for _ in range(E)]}}], {}
+        return [
+            zero(r)
+            | {
+                "experts": {
+                    "rank": [0] * E,
+                    "delta_norm": [0.0] * E,
+                    "energy": [1.0] * E,
+                    "rel_error": [0.0] * E,
+                    "singular_values": [[] for _ in range(E)],
+                }
+            }
+        ], {}
     floor = None
     if method.policy == "noise_floor":
-        rms_a, rms_b = (math.sqrt(sum(x * x for x in xs) / len(xs)) for xs in zip(*((d.rms_a, d.rms_b) for d in ds)))
+        rms_a, rms_b = (
+            math.sqrt(sum(x * x for x in xs) / len(xs)) for xs in zip(*((d.rms_a, d.rms_b) for d in ds), strict=True)
+        )
         floor = noise_floor((m, n), tensors[unit.tensors[0]]["dtype"], rms_a, rms_b)
     low = method.decompose(dw, norms, unit.module, floor=floor or 0.0)
-    per_expert = {"rank": low.ranks, "delta_norm": norms.tolist(), "energy": low.energies().tolist(),
-                  "rel_error": low.rel_errors().tolist(),
-                  "singular_values": [low.S[e, :low.ranks[e]].tolist() for e in range(E)]}
-    r = r | {"status": "extracted", "rank": low.rank,
-             "energy": low.S.double().square().sum().item() / norm**2, "rel_error": low.errors.norm().item() / norm,
-             "singular_values": low.S.square().sum(0).sqrt().tolist(), "experts": per_expert}
+    per_expert: ExpertArrays = {
+        "rank": low.ranks,
+        "delta_norm": norms.tolist(),
+        "energy": low.energies().tolist(),
+        "rel_error": low.rel_errors().tolist(),
+        "singular_values": [low.S[e, : low.ranks[e]].tolist() for e in range(E)],
+    }
+    r = r | {
+        "status": "extracted",
+        "rank": low.rank,
+        "energy": low.S.double().square().sum().item() / norm**2,
+        "rel_error": low.errors.norm().item() / norm,
+        "singular_values": low.S.square().sum(0).sqrt().tolist(),
+        "experts": per_expert,
+    }
     if floor is not None:
         r["noise_floor"] = floor
     lora_A, lora_B = peft_layout(low.B, low.A)
@@ -133,8 +169,12 @@ def lora_experts(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str,
 
 def save(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str, dict]) -> Result:
     """modules_to_save: B's own weights, stored under the module path, replace A's module entirely."""
-    return ([tensor_report(unit, d, tensors[d.name]) | {"bytes": d.b.numel() * d.b.element_size()} for d in ds],
-            {saved_key(d.name): d.b.contiguous() for d in ds})
+    weights = {d.name: d.b for d in ds if d.b is not None}  # the stream keeps W_B for every save unit
+    reports: list[TensorReport] = [
+        tensor_report(unit, d, tensors[d.name]) | {"bytes": weights[d.name].numel() * weights[d.name].element_size()}
+        for d in ds
+    ]
+    return reports, {saved_key(name): b.contiguous() for name, b in weights.items()}
 
 
 def skip(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str, dict]) -> Result:
@@ -143,4 +183,9 @@ def skip(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str, dict]) 
 
 
 ACTIONS: dict[str, Callable[[Unit, list[Delta], Method, dict[str, dict]], Result]] = {
-    "lora": lora, "lora_embedding": lora_embedding, "lora_experts": lora_experts, "save": save, "skip": skip}
+    "lora": lora,
+    "lora_embedding": lora_embedding,
+    "lora_experts": lora_experts,
+    "save": save,
+    "skip": skip,
+}

@@ -72,12 +72,21 @@ class Method:
     def resolve(cls, settings: ExtractSettings, parameters: int) -> Method:
         if settings.device == "cuda" and not torch.cuda.is_available():
             raise WeightdiffError("extract.device=cuda but torch sees no CUDA device")
-        device = "cuda" if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()) else "cpu"
+        device = (
+            "cuda" if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()) else "cpu"
+        )
         rank = auto_rank(parameters) if settings.rank == "auto" else int(settings.rank)
-        return cls(rank=rank, policy=str(settings.rank_policy), energy=settings.energy, max_rank=settings.max_rank,
-                   alpha=None if settings.alpha is None else float(settings.alpha),
-                   dtype=FACTOR_DTYPES[settings.dtype], device=torch.device(device), svd=settings.svd,
-                   lora_bias=settings.extras.biases == "lora")
+        return cls(
+            rank=rank,
+            policy=str(settings.rank_policy),
+            energy=settings.energy,
+            max_rank=settings.max_rank,
+            alpha=None if settings.alpha is None else float(settings.alpha),
+            dtype=FACTOR_DTYPES[settings.dtype],
+            device=torch.device(device),
+            svd=settings.svd,
+            lora_bias=settings.extras.biases == "lora",
+        )
 
     def scaling(self, rank: int) -> float:
         return 1.0 if self.alpha is None else self.alpha / rank
@@ -86,8 +95,16 @@ class Method:
         s = self.svd
         return truncated_svd(M.to(self.device), rank, s.method, s.oversample, s.power_iters, seed, s.tol)
 
-    def decompose(self, dw: torch.Tensor, norms: torch.Tensor, name: str, *, floor: float = 0.0,
-                  fixed: bool = False, transposed: bool = False) -> LowRank:
+    def decompose(
+        self,
+        dw: torch.Tensor,
+        norms: torch.Tensor,
+        name: str,
+        *,
+        floor: float = 0.0,
+        fixed: bool = False,
+        transposed: bool = False,
+    ) -> LowRank:
         """LoRA factors of ΔW ([m, n] or a stack [E, m, n]; `norms` its per-matrix ‖ΔW‖_F as measured).
 
         fixed: the configured rank whatever the policy (embeddings). transposed: factors of ΔWᵀ, from the SVD of
@@ -98,16 +115,20 @@ class Method:
         full = self.svd_of(dw, cap, tensor_seed(name, self.svd.seed))
         U, S, Vh = (x if dw.ndim == 3 else x[None] for x in (full.U.cpu(), full.S.cpu(), full.Vh.cpu()))
         policy = "fixed" if fixed else self.policy
-        ranks = [chosen_rank(policy, S[e], norms[e].item() ** 2, energy=self.energy, floor=floor)
-                 if norms[e] > 0 else 0 for e in range(len(S))]
+        ranks = [
+            chosen_rank(policy, S[e], norms[e].item() ** 2, energy=self.energy, floor=floor) if norms[e] > 0 else 0
+            for e in range(len(S))
+        ]
         r = max(max(ranks), 1)
         kept = S[:, :r] * (torch.arange(r) < torch.tensor(ranks)[:, None]) if dw.ndim == 3 else S[:, :r]
         t = Truncated(Vh[:, :r].mT, kept, U[..., :r].mT) if transposed else Truncated(U[..., :r], kept, Vh[:, :r])
         scaling = self.scaling(r)
         B, A = (f.to(self.dtype).contiguous() for f in lora_factors(t, scaling))
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise WeightdiffError(f"{name}: LoRA factors (largest singular value {S.max().item():.4g}) overflow "
-                                  f"{self.dtype}; use extract.dtype=bf16 or fp32")
+            raise WeightdiffError(
+                f"{name}: LoRA factors (largest singular value {S.max().item():.4g}) overflow "
+                f"{self.dtype}; use extract.dtype=bf16 or fp32"
+            )
         stack = dw if dw.ndim == 3 else dw[None]
         errors = residual_norms(stack.mT if transposed else stack, B.float(), A.float(), scaling)  # as stored
         return LowRank(ranks, B, A, kept, norms, errors, scaling)

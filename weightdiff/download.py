@@ -27,7 +27,7 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 try:  # the HTTP client under huggingface_hub (httpx2 from 2.x, httpx in 1.x); its RequestError is no OSError
     from httpx2 import RequestError
 except ImportError:
-    from httpx import RequestError
+    from httpx import RequestError  # type: ignore[no-redef]  # the same class, in huggingface_hub 1.x
 
 from weightdiff.errors import WeightdiffError
 from weightdiff.files import existing_ancestor

@@ -48,8 +48,9 @@ def result_settings(settings: ExtractSettings) -> dict:
     return {k: v for k, v in plain(settings).items() if k not in RUN_ONLY_KEYS}
 
 
-def extract(index: dict, manifest: dict, settings: ExtractSettings, adapter_dir: Path,
-            resume_root: Path) -> tuple[dict, list[TensorReport], list[dict[str, float]]]:
+def extract(
+    index: dict, manifest: dict, settings: ExtractSettings, adapter_dir: Path, resume_root: Path
+) -> tuple[dict, list[TensorReport], list[dict[str, float]]]:
     """Writes the adapter; returns (summary metrics, per-tensor reports, energy-vs-rank curves)."""
     start = time.perf_counter()
     tensors = same_shapes(index)
@@ -66,8 +67,13 @@ def extract(index: dict, manifest: dict, settings: ExtractSettings, adapter_dir:
     exact_checks = ExactChecks(settings, sum(plan[i].action == "lora" for i in todo), method)
     stream = deltas([plan[i] for i in todo], *readers, prefetch=settings.prefetch, rms=method.policy == "noise_floor")
     with closing(stream):
-        for i, ds in tqdm(zip(todo, stream), total=len(plan), initial=len(plan) - len(todo), desc="extract",
-                          unit="module"):
+        for i, ds in tqdm(
+            zip(todo, stream, strict=True),
+            total=len(plan),
+            initial=len(plan) - len(todo),
+            desc="extract",
+            unit="module",
+        ):
             unit = plan[i]
             result = ACTIONS[unit.action](unit, ds, method, tensors)
             exact_checks.add(unit, ds, result)
@@ -79,27 +85,43 @@ def extract(index: dict, manifest: dict, settings: ExtractSettings, adapter_dir:
     # PEFT's r: the configured rank, or under an adaptive policy the largest (the others go in rank_pattern)
     rank = method.rank if method.policy == "fixed" or not targets.ranks else max(targets.ranks.values())
     metrics = summary(reports, method, rank) | {"diagnosis": diagnosis(reports, method, readers)}
-    config = adapter_config(base_model=base_model_name(manifest["model_a"]), rank=rank, alpha=method.alpha,
-                            targets=targets, saved=sorted({u.module for u in plan if u.action == "save"}),
-                            lora_bias=method.lora_bias)
+    config = adapter_config(
+        base_model=base_model_name(manifest["model_a"]),
+        rank=rank,
+        alpha=method.alpha,
+        targets=targets,
+        saved=sorted({u.module for u in plan if u.action == "save"}),
+        lora_bias=method.lora_bias,
+    )
     write_adapter(adapter_dir, factors, config)
     store.remove()
     adapter_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
     model_bytes = sum(f["size"] for f in manifest["model_b"]["files"] if f["name"].endswith(".safetensors"))
-    metrics |= {"model_bytes": model_bytes, "adapter_params": sum(f.numel() for f in factors.values()),
-                "adapter_bytes": adapter_bytes, "compression_ratio": model_bytes / adapter_bytes,
-                "seconds": round(time.perf_counter() - start, 3)}
+    metrics |= {
+        "model_bytes": model_bytes,
+        "adapter_params": sum(f.numel() for f in factors.values()),
+        "adapter_bytes": adapter_bytes,
+        "compression_ratio": model_bytes / adapter_bytes,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
     return metrics, reports, energy_curves(reports, metrics["rank_max"])
 
 
 def log_plan(plan: list[Unit], settings: ExtractSettings, method: Method) -> None:
     targets = settings.target_modules
-    log.info("extracting %d linear modules and %d expert parameters (%s) at rank %d (%s policy%s), alpha %s, "
-             "factors in %s, on %s", sum(u.action == "lora" for u in plan), sum(u.action == "lora_experts" for u in plan),
-             targets if isinstance(targets, str) else ",".join(targets),
-             method.rank if method.policy == "fixed" else method.max_rank, method.policy,
-             "" if method.policy == "fixed" else f", capped at {method.max_rank}",
-             "= rank" if method.alpha is None else f"{method.alpha:g}", settings.dtype, method.device)
+    log.info(
+        "extracting %d linear modules and %d expert parameters (%s) at rank %d (%s policy%s), alpha %s, "
+        "factors in %s, on %s",
+        sum(u.action == "lora" for u in plan),
+        sum(u.action == "lora_experts" for u in plan),
+        targets if isinstance(targets, str) else ",".join(targets),
+        method.rank if method.policy == "fixed" else method.max_rank,
+        method.policy,
+        "" if method.policy == "fixed" else f", capped at {method.max_rank}",
+        "= rank" if method.alpha is None else f"{method.alpha:g}",
+        settings.dtype,
+        method.device,
+    )
 
 
 class ExactChecks:
@@ -122,8 +144,9 @@ class ExactChecks:
         self.seen += 1
 
 
-def targets_of(plan: list[Unit], reports: list[TensorReport], settings: ExtractSettings,
-               tensors: dict[str, dict]) -> Targets:
+def targets_of(
+    plan: list[Unit], reports: list[TensorReport], settings: ExtractSettings, tensors: dict[str, dict]
+) -> Targets:
     """adapter_config's target fields for the modules and expert parameters that got factors."""
     by_module = {r["module"]: r for r in reports if r["name"].endswith(".weight")}
     candidates = [u.module for u in plan if u.action in ("lora", "lora_embedding")]

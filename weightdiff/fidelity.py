@@ -6,6 +6,7 @@ logits arrive in vocabulary chunks and every statistic is accumulated online, as
 per token a running maximum, a running sum of exp(z − max), and for KL the running Σ exp(z_B − max_B)·(z_B − z_X).
 Accumulation is in fp64: a KL of 1e-6 is the difference of log-sum-exps of order 10, which fp32 cannot resolve.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,6 +44,7 @@ class _Softmax:
 @dataclass
 class Agreement:
     """Per-token KL(B ‖ X) and whether X's top-1 is B's."""
+
     kl: torch.Tensor
     top1: torch.Tensor
 

@@ -12,10 +12,14 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from weightdiff.errors import WeightdiffError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 # A decoder block's prefix (model.layers.3.), which group(1) numbers.
@@ -43,6 +47,7 @@ def module_type(path: str) -> str:
 @dataclass(frozen=True)
 class ModelModules:
     """Module paths by type, as transformers builds the model (on the meta device: no memory)."""
+
     linear: frozenset[str]
     embedding: frozenset[str]
     output: str | None  # the LM head's path
@@ -50,8 +55,12 @@ class ModelModules:
     rename: Callable[[str], tuple[str, int | None]] | None = None  # see checkpoint_renaming; not kept in the index
 
     def to_json(self) -> dict:
-        return {"linear": sorted(self.linear), "embedding": sorted(self.embedding), "output": self.output,
-                "experts": list(self.experts)}
+        return {
+            "linear": sorted(self.linear),
+            "embedding": sorted(self.embedding),
+            "output": self.output,
+            "experts": list(self.experts),
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> ModelModules:
@@ -75,16 +84,20 @@ def model_modules(config: dict, tensors: dict[str, dict]) -> ModelModules:
         cfg = AutoConfig.for_model(**config)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
-    except Exception as e:  # unknown model_type, remote code...: fall back to the checkpoint's shapes
-        log.warning("transformers cannot build %s (%s): taking every 2D .weight as a linear layer",
-                    config.get("model_type"), e)
+    except Exception as e:  # noqa: BLE001 - unknown model_type, remote code...: fall back to the checkpoint's shapes
+        log.warning(
+            "transformers cannot build %s (%s): taking every 2D .weight as a linear layer", config.get("model_type"), e
+        )
         return ModelModules.from_shapes(tensors)
     names = {m: n for n, m in model.named_modules()}
     output = model.get_output_embeddings()
-    return ModelModules(frozenset(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)),
-                        frozenset(n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)),
-                        names.get(output) if output is not None else None,
-                        expert_parameters(model), checkpoint_renaming(model))
+    return ModelModules(
+        frozenset(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)),
+        frozenset(n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)),
+        names.get(output) if output is not None else None,
+        expert_parameters(model),
+        checkpoint_renaming(model),
+    )
 
 
 def expert_parameters(model: torch.nn.Module) -> tuple[str, ...]:
@@ -104,7 +117,7 @@ def expert_parameters(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(found)
 
 
-def checkpoint_renaming(model: torch.nn.Module) -> Callable[[str], tuple[str, int | None]]:
+def checkpoint_renaming(model: PreTrainedModel) -> Callable[[str], tuple[str, int | None]]:
     """Checkpoint tensor name → (the parameter it loads into, its part there), by transformers' own rules.
 
     Per-expert tensors (mlp.experts.3.gate_proj.weight) load into the fused parameter (mlp.experts.gate_up_proj),
@@ -117,7 +130,7 @@ def checkpoint_renaming(model: torch.nn.Module) -> Callable[[str], tuple[str, in
 
     transforms = get_model_conversion_mapping(model)
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    renamings: list = [t for t in transforms if not isinstance(t, WeightConverter)]  # WeightRenaming, and kin
     meta = model.state_dict()
 
     def stacks_rows(c: WeightConverter) -> bool:
@@ -125,7 +138,7 @@ def checkpoint_renaming(model: torch.nn.Module) -> Callable[[str], tuple[str, in
         return ops[:1] == [(MergeModulelist, 0)] and ops[1:] in ([], [(Concatenate, 1)])
 
     def rename(name: str) -> tuple[str, int | None]:
-        renamed, pattern = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
+        renamed, pattern = rename_source_key(name, renamings, converters, str(model.base_model_prefix), meta)
         if pattern is None:
             return renamed, 0
         converter = next(c for c in converters if pattern in c.source_patterns)
@@ -165,6 +178,8 @@ def fuse_experts(param: str, values: list[torch.Tensor], experts: list[int]) -> 
     parts = len(values) // count
     if experts != [e for e in range(count) for _ in range(parts)]:
         missing = sorted(set(range(count)) - set(experts))
-        raise WeightdiffError(f"{param}: the checkpoint has {len(values)} expert tensors for {count} experts × "
-                              f"{parts} parts; experts {missing[:5]} or some of their parts are missing")
-    return torch.stack([torch.cat(values[e * parts:(e + 1) * parts]) for e in range(count)])
+        raise WeightdiffError(
+            f"{param}: the checkpoint has {len(values)} expert tensors for {count} experts × "
+            f"{parts} parts; experts {missing[:5]} or some of their parts are missing"
+        )
+    return torch.stack([torch.cat(values[e * parts : (e + 1) * parts]) for e in range(count)])

@@ -6,6 +6,7 @@ LoRA adapter". We capture the log while loading so the user sees llama.cpp's own
 
 llama-cpp-python is optional (a test dependency, ``make test`` installs it): imported on use.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -28,9 +29,12 @@ def load_with_adapter(model_path: Path, adapter_path: Path | None = None, **sett
     llama_cpp = llama_cpp_module()
     with llama_errors() as errors:
         try:
-            llm = llama_cpp.Llama(model_path=str(model_path),
-                                  lora_path=None if adapter_path is None else str(adapter_path),
-                                  verbose=False, **settings)
+            llm = llama_cpp.Llama(
+                model_path=str(model_path),
+                lora_path=None if adapter_path is None else str(adapter_path),
+                verbose=False,
+                **settings,
+            )
         except (RuntimeError, ValueError) as error:
             raise refusal(model_path, adapter_path, errors or [str(error)]) from None
     if errors:
@@ -52,8 +56,9 @@ def llama_cpp_module() -> Any:
     try:
         import llama_cpp
     except ImportError:
-        raise WeightdiffError("llama-cpp-python is not installed: pip install -e '.[llamacpp]' "
-                              "(builds llama.cpp, minutes)") from None
+        raise WeightdiffError(
+            "llama-cpp-python is not installed: pip install -e '.[llamacpp]' (builds llama.cpp, minutes)"
+        ) from None
     return llama_cpp
 
 

@@ -9,6 +9,7 @@ work than torch.linalg.svd (benchmarks/ measure it).
 Everything here also takes a stack of matrices [..., m, n] (the experts of a MoE layer) and decomposes each
 of them in the same calls: torch's matmul, QR and SVD run over the leading axes without a Python loop.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ class Truncated:
 MAX_POWER_ITERS = 10  # what power_iters=auto may spend on a delta whose spectrum decays slowly
 
 
-def randomized_svd(M: torch.Tensor, rank: int, oversample: int, power_iters: int | str, generator: torch.Generator,
-                   tol: float = 1e-4) -> Truncated:
+def randomized_svd(
+    M: torch.Tensor, rank: int, oversample: int, power_iters: int | str, generator: torch.Generator, tol: float = 1e-4
+) -> Truncated:
     """Halko et al.'s algorithm 4.4 with passes over M that alternate sides.
 
     Every pass is one product with M (the cost: M is read once), and each gives an approximation by an
@@ -40,7 +42,7 @@ def randomized_svd(M: torch.Tensor, rank: int, oversample: int, power_iters: int
     *batch, m, n = M.shape
     q = min(-(-(rank + oversample) // 8) * 8, m, n)  # MKL's kernels take a width of 32 faster than one of 26
     auto = power_iters == "auto"
-    passes = 2 + 2 * (MAX_POWER_ITERS if auto else power_iters)
+    passes = 2 + 2 * (MAX_POWER_ITERS if auto else int(power_iters))
     basis = torch.randn(*batch, n, q, generator=generator, dtype=M.dtype).to(M.device)
     captured = None
     for p in range(1, passes + 1):
@@ -66,8 +68,9 @@ def exact_svd(M: torch.Tensor, rank: int) -> Truncated:
     return Truncated(U[..., :rank], S[..., :rank], Vh[..., :rank, :])
 
 
-def truncated_svd(M: torch.Tensor, rank: int, method: str, oversample: int, power_iters: int | str, seed: int,
-                  tol: float) -> Truncated:
+def truncated_svd(
+    M: torch.Tensor, rank: int, method: str, oversample: int, power_iters: int | str, seed: int, tol: float
+) -> Truncated:
     """The top-`rank` SVD of M (fp32), or of each matrix of a stack. `rank` must not exceed min(m, n)."""
     if method == "exact":
         return exact_svd(M, rank)
@@ -99,7 +102,9 @@ def frobenius_norms(M: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(M, dim=-1, dtype=precision).double().square().sum(-1).sqrt()
 
 
-def residual_norms(M: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scaling: float, block: int = 1 << 22) -> torch.Tensor:
+def residual_norms(
+    M: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scaling: float, block: int = 1 << 22
+) -> torch.Tensor:
     """‖M[e] − scaling·B[e]·A[e]‖_F in fp64 of each matrix of a stack [E, m, n], by blocks of ~`block` entries
     across all matrices: never a second [E, m, n] tensor, and blocks small enough for the allocator to reuse
     their memory rather than map it afresh."""
@@ -107,6 +112,6 @@ def residual_norms(M: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scaling: f
     rows = max(1, block // max(E * n, 1))
     total = torch.zeros(E, dtype=torch.float64)
     for i in range(0, m, rows):
-        part = torch.baddbmm(M[:, i:i + rows], B[:, i:i + rows], A, alpha=-scaling)
+        part = torch.baddbmm(M[:, i : i + rows], B[:, i : i + rows], A, alpha=-scaling)
         total += part.norm(dim=-1).double().square().sum(-1)
     return total.sqrt()

@@ -40,8 +40,10 @@ def energy_curves(reports: list[TensorReport], max_rank: int) -> list[dict[str, 
     totals = {g: sum(r["delta_norm"] ** 2 for r in rs) or 1.0 for g, rs in groups.items()}
     rows = []
     for k in range(1, max_rank + 1):
-        rows.append({"rank": k} | {g: sum(sum(s * s for s in r["singular_values"][:k]) for r in rs) / totals[g]
-                                   for g, rs in groups.items()})
+        rows.append(
+            {"rank": k}
+            | {g: sum(sum(s * s for s in r["singular_values"][:k]) for r in rs) / totals[g] for g, rs in groups.items()}
+        )
     return rows
 
 
@@ -50,10 +52,14 @@ def summary(reports: list[TensorReport], method: Method, adapter_rank: int) -> d
     targets = [r for r in reports if r["action"] in ("lora", "lora_experts", "lora_embedding") and "rank" in r]
     chosen = [r for r in targets if r["status"] == "extracted"]
     if not chosen:
-        raise WeightdiffError(f"A and B are identical on all {len(targets)} target tensors: there is nothing to extract")
+        raise WeightdiffError(
+            f"A and B are identical on all {len(targets)} target tensors: there is nothing to extract"
+        )
     zero = [r["name"] for r in targets if r["status"] == "zero"]
     if zero:
-        log.warning("%d tensors have an all-zero delta and are left out of the adapter: %s", len(zero), ", ".join(zero[:5]))
+        log.warning(
+            "%d tensors have an all-zero delta and are left out of the adapter: %s", len(zero), ", ".join(zero[:5])
+        )
     clamped = [r for r in chosen if method.policy == "fixed" and r["rank"] < method.rank]
     for r in clamped:
         log.warning("%s %s is smaller than rank %d: clamped to rank %d", r["name"], r["shape"], method.rank, r["rank"])
@@ -62,19 +68,30 @@ def summary(reports: list[TensorReport], method: Method, adapter_rank: int) -> d
     saved = [r for r in reports if r["action"] == "save"]
     ranks = [r["rank"] for r in chosen]
     return {
-        "rank": adapter_rank, "rank_policy": method.policy,
+        "rank": adapter_rank,
+        "rank_policy": method.policy,
         "alpha": method.alpha if method.alpha is not None else float(adapter_rank),
-        "tensors_total": len(targets), "tensors_extracted": len(chosen), "tensors_zero": len(zero),
+        "tensors_total": len(targets),
+        "tensors_extracted": len(chosen),
+        "tensors_zero": len(zero),
         "tensors_clamped": len(clamped),
-        "rank_min": min(ranks), "rank_mean": sum(ranks) / len(ranks), "rank_max": max(ranks),
+        "rank_min": min(ranks),
+        "rank_mean": sum(ranks) / len(ranks),
+        "rank_max": max(ranks),
         "energy": energy_kept(decomposed(reports)),
         "energy_min": min(r["energy"] for r in chosen),
         "rel_error_max": max(r["rel_error"] for r in chosen),
         "delta_norm_total": math.sqrt(sum(r["delta_norm"] ** 2 for r in targets)),
-        "svd_check": {"tensors": len(checked),
-                      "max_energy_gap": max((r["energy_exact"] - r["energy"] for r in checked), default=0.0)},
-        "extras": {"saved": len(saved), "saved_bytes": sum(r["bytes"] for r in saved), "skipped": len(skipped),
-                   "skipped_delta_norm": math.sqrt(sum(r["delta_norm"] ** 2 for r in skipped))},
+        "svd_check": {
+            "tensors": len(checked),
+            "max_energy_gap": max((r["energy_exact"] - r["energy"] for r in checked), default=0.0),
+        },
+        "extras": {
+            "saved": len(saved),
+            "saved_bytes": sum(r["bytes"] for r in saved),
+            "skipped": len(skipped),
+            "skipped_delta_norm": math.sqrt(sum(r["delta_norm"] ** 2 for r in skipped)),
+        },
     }
 
 
@@ -82,15 +99,23 @@ def rank_needed(delta: Delta, target: float, method: Method) -> int | None:
     """The rank the energy target would take for one delta (None: more than 1024), for the diagnosis."""
     dw = delta.value
     cap = min(1024, *dw.shape)
-    t = truncated_svd(dw.to(method.device), cap, "randomized", method.svd.oversample, 2,
-                      tensor_seed(delta.name, method.svd.seed), method.svd.tol)
-    norm_sq = delta.norm ** 2
+    t = truncated_svd(
+        dw.to(method.device),
+        cap,
+        "randomized",
+        method.svd.oversample,
+        2,
+        tensor_seed(delta.name, method.svd.seed),
+        method.svd.tol,
+    )
+    norm_sq = delta.norm**2
     r = energy_rank(t.S.cpu(), norm_sq, target)
     return None if r == cap and cap < min(dw.shape) and t.S.square().sum() < target * norm_sq else r
 
 
-def diagnosis(reports: list[TensorReport], method: Method, readers: tuple[TensorReader, TensorReader],
-              worst: int = 3) -> dict:
+def diagnosis(
+    reports: list[TensorReport], method: Method, readers: tuple[TensorReader, TensorReader], worst: int = 3
+) -> dict:
     """Whether ΔW looks low-rank at this rank; if not, the worst tensors and the rank the energy target needs."""
     target = method.energy
     chosen = [r for r in decomposed(reports) if r["status"] == "extracted"]
@@ -99,12 +124,26 @@ def diagnosis(reports: list[TensorReport], method: Method, readers: tuple[Tensor
         return {"low_rank": True, "energy": energy, "target": target}
     # experts are left to tensors.json's per-expert energies: their report names no single checkpoint tensor
     worst_reports = sorted((r for r in chosen if r["action"] != "lora_experts"), key=lambda r: r["energy"])[:worst]
-    rows = [{"name": r["name"], "energy": r["energy"], "rank": r["rank"],
-             "rank_needed": rank_needed(pair_delta(r["name"], *readers), target, method)} for r in worst_reports]
+    rows = [
+        {
+            "name": r["name"],
+            "energy": r["energy"],
+            "rank": r["rank"],
+            "rank_needed": rank_needed(pair_delta(r["name"], *readers), target, method),
+        }
+        for r in worst_reports
+    ]
     for reader in readers:
         reader.unmap()
-    shown = "; ".join(f"{w['name']}: energy {w['energy']:.3f} at rank {w['rank']}, needs "
-                      f"{w['rank_needed'] or '>1024'} for {target:g}" for w in rows)
-    log.warning("ΔW is not low-rank at this rank (energy kept %.3f < %g): a full fine-tune rather than a merged "
-                "LoRA? Worst tensors: %s", energy, target, shown)
+    shown = "; ".join(
+        f"{w['name']}: energy {w['energy']:.3f} at rank {w['rank']}, needs {w['rank_needed'] or '>1024'} for {target:g}"
+        for w in rows
+    )
+    log.warning(
+        "ΔW is not low-rank at this rank (energy kept %.3f < %g): a full fine-tune rather than a merged "
+        "LoRA? Worst tensors: %s",
+        energy,
+        target,
+        shown,
+    )
     return {"low_rank": False, "energy": energy, "target": target, "worst": rows}

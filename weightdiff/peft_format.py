@@ -121,8 +121,9 @@ class Targets:
     ranks: dict[str, int]  # module or parameter path → rank, for rank_pattern/alpha_pattern
 
 
-def target_fields(modules: dict[str, int], parameters: dict[str, int], names: list[str],
-                  tensors: dict[str, dict]) -> Targets:
+def target_fields(
+    modules: dict[str, int], parameters: dict[str, int], names: list[str], tensors: dict[str, dict]
+) -> Targets:
     """The target fields for modules and fused parameters with factors (path → rank), by the table above.
 
     names: the target names to write when they are exact (the configured ones, then leaf names of the rest).
@@ -135,12 +136,16 @@ def target_fields(modules: dict[str, int], parameters: dict[str, int], names: li
     if isinstance(field, str) and fused_experts:
         field = sorted(listed)
     all_parameters = sorted({parameter_name(n, t) for n, t in tensors.items()})
-    return Targets(field, target_parameters_field(list(parameters), all_parameters) if parameters else [],
-                   {m: modules[m] for m in listed} | parameters)
+    return Targets(
+        field,
+        target_parameters_field(list(parameters), all_parameters) if parameters else [],
+        {m: modules[m] for m in listed} | parameters,
+    )
 
 
-def adapter_config(*, base_model: str, rank: int, alpha: float | None, targets: Targets, saved: list[str],
-                   lora_bias: bool) -> dict:
+def adapter_config(
+    *, base_model: str, rank: int, alpha: float | None, targets: Targets, saved: list[str], lora_bias: bool
+) -> dict:
     """alpha None: each module's alpha equals its rank (scaling 1), written as alpha_pattern where r differs."""
     config = {
         "peft_type": "LORA",

@@ -53,13 +53,20 @@ def expert_units(experts: dict[str, dict], target_modules: str | list[str], orde
     for name, entry in experts.items():
         by_param[entry["param"]].append(name)
     chosen = [p for p in order if p in by_param and (isinstance(target_modules, str) or selects(p, target_modules))]
-    return [Unit("lora_experts", p, tuple(sorted(by_param[p], key=lambda n: (experts[n]["expert"] or 0,
-                                                                            experts[n]["part"]))))
-            for p in chosen]
+    return [
+        Unit(
+            "lora_experts", p, tuple(sorted(by_param[p], key=lambda n: (experts[n]["expert"] or 0, experts[n]["part"])))
+        )
+        for p in chosen
+    ]
 
 
-def linear_targets(tensors: dict[str, dict], target_modules: str | list[str], modules: ModelModules,
-                   expert_params: tuple[str, ...] = ()) -> list[str]:
+def linear_targets(
+    tensors: dict[str, dict],
+    target_modules: str | list[str],
+    modules: ModelModules,
+    expert_params: tuple[str, ...] = (),
+) -> list[str]:
     """Module paths of the Linear layers to decompose; `auto`/`all-linear` is every one but the LM head.
 
     A named target selects the linear layers it names or contains; one that names a module that is not a
@@ -71,15 +78,21 @@ def linear_targets(tensors: dict[str, dict], target_modules: str | list[str], mo
     named = [m for m in weights if is_target(m, target_modules)]
     chosen = [m for m in weights if m in named or (m in modules.linear and selects(m, target_modules))]
     if not chosen and not any(selects(p, target_modules) for p in expert_params):
-        types = sorted({t["module_type"] for t in weights.values() if len(t["shape"]) == 2}
-                       | {p.rpartition(".")[2] for p in expert_params})
-        raise WeightdiffError(f"extract.target_modules={target_modules} matches no weight of the model; "
-                              f"modules with 2D weights and expert parameters are: {', '.join(types)}")
+        types = sorted(
+            {t["module_type"] for t in weights.values() if len(t["shape"]) == 2}
+            | {p.rpartition(".")[2] for p in expert_params}
+        )
+        raise WeightdiffError(
+            f"extract.target_modules={target_modules} matches no weight of the model; "
+            f"modules with 2D weights and expert parameters are: {', '.join(types)}"
+        )
     not_linear = [m for m in named if m not in modules.linear]
     if not_linear:
-        raise WeightdiffError(f"extract.target_modules={target_modules} selects modules that are not linear "
-                              f"layers, which LoRA factors cannot express: {', '.join(not_linear[:5])} "
-                              "(see extract.extras for embeddings and norms)")
+        raise WeightdiffError(
+            f"extract.target_modules={target_modules} selects modules that are not linear "
+            f"layers, which LoRA factors cannot express: {', '.join(not_linear[:5])} "
+            "(see extract.extras for embeddings and norms)"
+        )
     return chosen
 
 
@@ -101,9 +114,13 @@ def plan_units(tensors: dict[str, dict], settings: ExtractSettings, modules: Mod
     lora_bias = extras.biases == "lora"
     experts = {n: t for n, t in tensors.items() if "param" in t}
     tensors = {n: t for n, t in tensors.items() if "param" not in t}
-    targets = set(linear_targets(tensors, settings.target_modules, modules, tuple(t["param"] for t in experts.values())))
+    targets = set(
+        linear_targets(tensors, settings.target_modules, modules, tuple(t["param"] for t in experts.values()))
+    )
     if extras.lm_head == "lora":
-        targets |= {t["module"] for n, t in tensors.items() if extra_of(n, t, modules) == "lm_head" and n.endswith(".weight")}
+        targets |= {
+            t["module"] for n, t in tensors.items() if extra_of(n, t, modules) == "lm_head" and n.endswith(".weight")
+        }
     plan = []
     for name, entry in tensors.items():
         module, is_weight = entry["module"], name.endswith(".weight")

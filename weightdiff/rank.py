@@ -4,6 +4,7 @@ Policies: `fixed` (the configured rank), `energy` (the smallest r whose kept ene
 the target) and `noise_floor` (the singular values that stand above what rounding the two checkpoints to
 their dtype would produce on its own). Adaptive policies are capped by `max_rank`.
 """
+
 from __future__ import annotations
 
 import math

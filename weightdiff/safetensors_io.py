@@ -3,6 +3,7 @@
 Everything goes through `safetensors.safe_open`, which parses the header and memory-maps the data: a
 tensor is read only when asked for, so a 47 GB shard costs no more memory than its largest tensor.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,10 +59,13 @@ def index_weight_map(index: Path) -> dict[str, str]:
     except (ValueError, KeyError, TypeError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
         raise WeightdiffError(f"{index}: not a safetensors index (expected a 'weight_map' object): {e}") from e
     if not isinstance(weight_map, dict) or not all(
-            isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard
-            for shard in weight_map.values()):
-        raise WeightdiffError(f"{index}: 'weight_map' must map tensor names to .safetensors file names in "
-                              f"{index.parent}, not {str(weight_map)[:200]}")
+        isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard
+        for shard in weight_map.values()
+    ):
+        raise WeightdiffError(
+            f"{index}: 'weight_map' must map tensor names to .safetensors file names in "
+            f"{index.parent}, not {str(weight_map)[:200]}"
+        )
     return weight_map
 
 
@@ -94,7 +98,7 @@ class TensorReader:
         self.shards = shard_map(model_dir)
         self._open: dict[str, object] = {}
 
-    def __enter__(self) -> "TensorReader":
+    def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -141,8 +145,11 @@ def truncation(path: Path) -> str:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n)) if n <= size - 8 else {}
         data = size - 8 - n
-        end, name = min((entry["data_offsets"][1], name) for name, entry in header.items()
-                        if name != "__metadata__" and entry["data_offsets"][1] > data)
+        end, name = min(
+            (entry["data_offsets"][1], name)
+            for name, entry in header.items()
+            if name != "__metadata__" and entry["data_offsets"][1] > data
+        )
     except Exception:  # noqa: BLE001 - no diagnosis beyond safetensors' own
         return ""
     return f"; tensor {name} ends at byte {end} of the data, which has {data}: the file is truncated"

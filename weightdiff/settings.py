@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -107,12 +107,24 @@ def fail(key: str, value: Any, expected: str) -> WeightdiffError:
 
 @dataclass
 class DownloadSettings:
-    cache_dir: Union[str, None] = helped(None, "where Hub snapshots and the demo pair live; null: HF_HUB_CACHE")
+    cache_dir: str | None = helped(None, "where Hub snapshots and the demo pair live; null: HF_HUB_CACHE")
     allow_patterns: list[str] = helped(
-        ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
-         "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json",
-         "merges.txt", "chat_template.jinja"],
-        "files fetched from a Hub repo: weights, shard index, config, tokenizer; pickles (*.bin, *.pt) never")
+        [
+            "*.safetensors",
+            "model.safetensors.index.json",
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            "tokenizer.model",
+            "vocab.json",
+            "merges.txt",
+            "chat_template.jinja",
+        ],
+        "files fetched from a Hub repo: weights, shard index, config, tokenizer; pickles (*.bin, *.pt) never",
+    )
 
 
 @dataclass
@@ -140,8 +152,11 @@ class TinyDemo:
 
 @dataclass
 class DemoSettings:
-    pair: DemoPair = helped(DemoPair.smollm2, "smollm2: SmolLM2-135M-Instruct and a LoRA fine-tune of it on "
-                                              "Python's docs; tiny: two fine-tunes of a tiny random Llama")
+    pair: DemoPair = helped(
+        DemoPair.smollm2,
+        "smollm2: SmolLM2-135M-Instruct and a LoRA fine-tune of it on "
+        "Python's docs; tiny: two fine-tunes of a tiny random Llama",
+    )
     seed: int = helped(0, "seeds every random step of the demo pair")
     smollm2: SmolLM2Demo = field(default_factory=SmolLM2Demo)
     tiny: TinyDemo = field(default_factory=TinyDemo)
@@ -150,12 +165,25 @@ class DemoSettings:
 @dataclass
 class VerifySettings:
     ignore_config_keys: list[str] = helped(
-        ["_name_or_path", "torch_dtype", "dtype", "transformers_version", "architectures", "use_cache",
-         "bos_token_id", "eos_token_id", "pad_token_id", "generation_config"],
-        "config.json keys that may differ between A and B without changing the architecture")
+        [
+            "_name_or_path",
+            "torch_dtype",
+            "dtype",
+            "transformers_version",
+            "architectures",
+            "use_cache",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "generation_config",
+        ],
+        "config.json keys that may differ between A and B without changing the architecture",
+    )
     resized_embeddings: ResizedEmbeddings = helped(
-        ResizedEmbeddings.error, "A and B with different vocab_size: error refuses the pair; skip extracts every "
-                                 "other tensor and leaves the vocabulary-sized ones out")
+        ResizedEmbeddings.error,
+        "A and B with different vocab_size: error refuses the pair; skip extracts every "
+        "other tensor and leaves the vocabulary-sized ones out",
+    )
 
 
 @dataclass
@@ -169,16 +197,19 @@ class ExtrasSettings:
 
     def __post_init__(self) -> None:
         if self.biases == BiasesChoice.lora and self.embeddings == ModuleChoice.lora:
-            raise WeightdiffError("extract.extras: PEFT's lora_bias (biases=lora) does not support Embedding layers; "
-                                  "with biases=lora use embeddings=save or skip")
+            raise WeightdiffError(
+                "extract.extras: PEFT's lora_bias (biases=lora) does not support Embedding layers; "
+                "with biases=lora use embeddings=save or skip"
+            )
 
 
 @dataclass
 class SvdSettings:
     method: SvdMethod = helped(SvdMethod.randomized, "randomized (a range finder), or exact (torch.linalg.svd)")
     oversample: int = helped(10, "extra sketch columns of the randomized SVD")
-    power_iters: Union[int, str] = helped(
-        "auto", "auto: passes over ΔW until one adds less than `tol` of the kept energy; or a fixed count")
+    power_iters: int | str = helped(
+        "auto", "auto: passes over ΔW until one adds less than `tol` of the kept energy; or a fixed count"
+    )
     tol: float = helped(1.0e-4, "the energy gain under which power_iters=auto stops, in (0, 1)")
     seed: int = helped(0, "the sketches' seed (per tensor: mixed with its name)")
     check_samples: int = helped(4, "tensors also decomposed exactly, to report the randomized SVD's energy gap")
@@ -194,13 +225,15 @@ class SvdSettings:
 
 @dataclass
 class ExtractSettings:
-    rank: Union[int, str] = helped("auto", "a positive integer, or auto: by model size (< 7B: 32, > 70B: 8, else 16)")
+    rank: int | str = helped("auto", "a positive integer, or auto: by model size (< 7B: 32, > 70B: 8, else 16)")
     rank_policy: RankPolicy = helped(
-        RankPolicy.fixed, "fixed: `rank` everywhere; energy: per module the smallest rank keeping `energy` of "
-                          "‖ΔW‖²; noise_floor: the singular values above the checkpoints' rounding noise")
+        RankPolicy.fixed,
+        "fixed: `rank` everywhere; energy: per module the smallest rank keeping `energy` of "
+        "‖ΔW‖²; noise_floor: the singular values above the checkpoints' rounding noise",
+    )
     energy: float = helped(0.9, "target of rank_policy=energy; below it globally ΔW is diagnosed as not low-rank")
     max_rank: int = helped(64, "cap of the adaptive policies")
-    alpha: Union[float, None] = helped(None, "null: alpha = rank (PEFT scaling 1); else folded into the factors")
+    alpha: float | None = helped(None, "null: alpha = rank (PEFT scaling 1); else folded into the factors")
     target_modules: Any = helped("auto", "auto, all-linear, or a list of names (PEFT's suffix rule; conf/targets/)")
     extras: ExtrasSettings = field(default_factory=ExtrasSettings)
     dtype: FactorDtype = helped(FactorDtype.fp16, "of the saved factors (fp16 keeps 3 more mantissa bits than bf16)")
@@ -217,7 +250,9 @@ class ExtractSettings:
             raise fail("extract.energy", self.energy, "a fraction in (0, 1]")
         targets = self.target_modules
         if isinstance(targets, str) and targets not in NAMED_TARGETS:
-            raise fail("extract.target_modules", targets, f"a list of module names or one of {', '.join(NAMED_TARGETS)}")
+            raise fail(
+                "extract.target_modules", targets, f"a list of module names or one of {', '.join(NAMED_TARGETS)}"
+            )
         if not isinstance(targets, str):
             self.target_modules = [str(t) for t in targets]
 
@@ -228,7 +263,7 @@ RUN_ONLY_KEYS = ("device", "prefetch")
 
 @dataclass
 class ValidateSettings:
-    texts: Union[str, None] = helped(None, "null: the built-in texts; or a .jsonl of {text}/{messages} records or a .txt")
+    texts: str | None = helped(None, "null: the built-in texts; or a .jsonl of {text}/{messages} records or a .txt")
     batch_size: int = helped(4, "sequences")
     seq_len: int = helped(128, "tokens per sequence")
     seed: int = helped(0, "shuffles the texts' records (or draws the seeded ids)")
@@ -277,14 +312,14 @@ class Settings:
 T = TypeVar("T")
 
 
-def typed(schema: type[T], values: Any, key: str = "") -> T:
-    """`values` (a DictConfig, dict or record) checked against `schema`, as a record of it.
+def typed(schema: type[T], *values: Any, key: str = "") -> T:
+    """`values` (DictConfigs, dicts or records, later ones overriding) checked against `schema`, as a record of it.
 
     Unknown keys and wrong types or choices fail naming the key; `key` is the prefix of `values`' keys in the
     whole configuration (extract, extract.svd), so messages name the key as the user writes it.
     """
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))  # type: ignore[return-value]
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), *values))  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         full_key = ".".join(k for k in (key, str(getattr(e, "full_key", "") or "")) if k)
         message = str(e).splitlines()[0]
@@ -293,8 +328,7 @@ def typed(schema: type[T], values: Any, key: str = "") -> T:
 
 def updated(record: T, **changes: Any) -> T:
     """A copy of a settings record with some keys changed (nested ones as dicts), checked as the original was."""
-    merged = OmegaConf.merge(OmegaConf.structured(record), changes)
-    return typed(type(record), merged)
+    return typed(type(record), record, changes)
 
 
 def plain(record: Any) -> Any:

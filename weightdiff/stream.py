@@ -4,20 +4,21 @@ Reading (page cache or disk) and converting bf16 to fp32 overlap with the decomp
 unit; the queue holds at most `prefetch` finished units, so memory stays a small multiple of the largest
 unit whatever the size of the model.
 """
+
 from __future__ import annotations
 
 import math
 import queue
 import threading
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
-from weightdiff.safetensors_io import TensorReader
 from weightdiff.errors import WeightdiffError
 from weightdiff.lowrank import frobenius_norm
 from weightdiff.plan import Unit
+from weightdiff.safetensors_io import TensorReader
 
 BLOCK = 1 << 18  # elements formed at a time: both operands of a block are still in cache for the subtraction
 
@@ -48,7 +49,7 @@ class Workspace:
             self.flat = torch.empty(0)  # free the old buffer before mapping the larger one
             self.flat = torch.empty(sum(sizes))
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        return [self.flat[o:o + n].view(*s) for o, n, s in zip(offsets, sizes, shapes)]
+        return [self.flat[o : o + n].view(*s) for o, n, s in zip(offsets, sizes, shapes, strict=True)]
 
 
 def difference_into(out: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> float:
@@ -62,16 +63,22 @@ def difference_into(out: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> fl
     scratch = torch.empty(min(step, len(rows_out)), rows_out.shape[1])
     total = 0.0
     for i in range(0, len(rows_out), step):
-        block = rows_out[i:i + step]
-        upcast = scratch[:len(block)]
-        block.copy_(rows_b[i:i + step])
-        upcast.copy_(rows_a[i:i + step])
+        block = rows_out[i : i + step]
+        upcast = scratch[: len(block)]
+        block.copy_(rows_b[i : i + step])
+        upcast.copy_(rows_a[i : i + step])
         total += frobenius_norm(block.sub_(upcast)) ** 2
     return total
 
 
-def pair_delta(name: str, reader_a: TensorReader, reader_b: TensorReader, rms: bool = False,
-               keep_b: bool = False, out: torch.Tensor | None = None) -> Delta:
+def pair_delta(
+    name: str,
+    reader_a: TensorReader,
+    reader_b: TensorReader,
+    rms: bool = False,
+    keep_b: bool = False,
+    out: torch.Tensor | None = None,
+) -> Delta:
     """W_B − W_A in fp32 (into `out` if given); non-finite weights are an error naming the model and the
     tensor, not a NaN adapter."""
     wa, wb = reader_a.get(name), reader_b.get(name)
@@ -81,7 +88,9 @@ def pair_delta(name: str, reader_a: TensorReader, reader_b: TensorReader, rms: b
         for reader, w in ((reader_a, wa), (reader_b, wb)):
             bad = (~torch.isfinite(w)).sum().item()
             if bad:
-                raise WeightdiffError(f"{reader.model_dir / reader.shards[name]}: tensor {name} has {bad} NaN/Inf values")
+                raise WeightdiffError(
+                    f"{reader.model_dir / reader.shards[name]}: tensor {name} has {bad} NaN/Inf values"
+                )
         norm_sq = torch.linalg.vector_norm(delta, dtype=torch.float64).item() ** 2  # fp32 squares overflowed
     rms_a, rms_b = (frobenius_norm(w.float()) / max(w.numel(), 1) ** 0.5 for w in (wa, wb)) if rms else (None, None)
     return Delta(name, delta, math.sqrt(norm_sq), rms_a, rms_b, wb.clone() if keep_b else None)
@@ -90,15 +99,18 @@ def pair_delta(name: str, reader_a: TensorReader, reader_b: TensorReader, rms: b
 def read_unit(unit: Unit, reader_a: TensorReader, reader_b: TensorReader, rms: bool, space: Workspace) -> list[Delta]:
     try:
         outs = space.views([reader_b.get(name).shape for name in unit.tensors])
-        return [pair_delta(name, reader_a, reader_b, rms, keep_b=unit.action == "save", out=out)
-                for name, out in zip(unit.tensors, outs)]
+        return [
+            pair_delta(name, reader_a, reader_b, rms, keep_b=unit.action == "save", out=out)
+            for name, out in zip(unit.tensors, outs, strict=True)
+        ]
     finally:
         reader_a.unmap()
         reader_b.unmap()
 
 
-def deltas(units: Sequence[Unit], reader_a: TensorReader, reader_b: TensorReader,
-           prefetch: int = 1, rms: bool = False) -> Iterator[list[Delta]]:
+def deltas(
+    units: Sequence[Unit], reader_a: TensorReader, reader_b: TensorReader, prefetch: int = 1, rms: bool = False
+) -> Generator[list[Delta], None, None]:
     """For each unit, the deltas of its tensors, in order; errors surface in the caller's thread.
 
     The deltas of a unit live in a workspace that is reused once the caller asks for the next unit: keep what
@@ -132,7 +144,7 @@ def deltas(units: Sequence[Unit], reader_a: TensorReader, reader_b: TensorReader
                 if not put((read_unit(unit, reader_a, reader_b, rms, space), space)):
                     return
             put(None)
-        except BaseException as e:  # handed to the consumer, which re-raises it
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
             put(e)
 
     worker = threading.Thread(target=produce, name="weightdiff-prefetch", daemon=True)

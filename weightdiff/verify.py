@@ -1,4 +1,5 @@
 """Refuses pairs that are not the same architecture, before any tensor is read."""
+
 from __future__ import annotations
 
 import logging
@@ -18,11 +19,15 @@ def check_files(entry: dict) -> None:
     for f in entry["files"]:
         p = root / f["name"]
         if not p.is_file():
-            raise WeightdiffError(f"{p} is missing (listed in the manifest of {entry['source']}): "
-                                  "rerun the download stage (dvc repro -f -s download)")
+            raise WeightdiffError(
+                f"{p} is missing (listed in the manifest of {entry['source']}): "
+                "rerun the download stage (dvc repro -f -s download)"
+            )
         if p.stat().st_size != f["size"]:
-            raise WeightdiffError(f"{p} has {p.stat().st_size} bytes, the manifest says {f['size']}: "
-                                  "the file changed; rerun the download stage (dvc repro -f -s download)")
+            raise WeightdiffError(
+                f"{p} has {p.stat().st_size} bytes, the manifest says {f['size']}: "
+                "the file changed; rerun the download stage (dvc repro -f -s download)"
+            )
 
 
 def config_differences(a: dict, b: dict, ignore: list[str]) -> dict[str, tuple]:
@@ -36,8 +41,11 @@ def resized_tensors(a: dict[str, TensorInfo], b: dict[str, TensorInfo], vocab_a:
     Found by shape rather than by name, so that any architecture's names (embed_tokens, wte, lm_head,
     embed_out...) qualify, and nothing else does.
     """
-    return sorted(n for n in a.keys() & b.keys()
-                  if a[n].shape[:1] == (vocab_a,) and b[n].shape[:1] == (vocab_b,) and a[n].shape[1:] == b[n].shape[1:])
+    return sorted(
+        n
+        for n in a.keys() & b.keys()
+        if a[n].shape[:1] == (vocab_a,) and b[n].shape[:1] == (vocab_b,) and a[n].shape[1:] == b[n].shape[1:]
+    )
 
 
 def tensor_differences(a: dict[str, TensorInfo], b: dict[str, TensorInfo], resized: Collection[str] = ()) -> list[str]:
@@ -65,7 +73,8 @@ def vocab_sizes(dir_a: Path, dir_b: Path, diff: dict[str, tuple], resized_embedd
         raise WeightdiffError(
             f"vocab_size differs: resized embeddings ({dir_a}/config.json has {va!r} tokens, {dir_b}/config.json "
             f"{vb!r}; tokens added in a fine-tune?). Set verify.resized_embeddings=skip to extract every other "
-            "tensor and leave the embeddings and the LM head out of the adapter")
+            "tensor and leave the embeddings and the LM head out of the adapter"
+        )
     return va, vb
 
 
@@ -91,8 +100,16 @@ def verify(manifest: dict, ignore_config_keys: list[str], resized_embeddings: st
         more = f"\n  ... and {len(mismatches) - 20} more" if len(mismatches) > 20 else ""
         raise WeightdiffError(f"tensors of {dir_a} and {dir_b} do not match:\n  " + "\n  ".join(mismatches[:20]) + more)
     if vocab:
-        log.warning("vocab_size %d in A, %d in B (verify.resized_embeddings=skip): %s differ in shape and cannot "
-                    "be part of the adapter", *vocab, ", ".join(resized) or "no tensor")
-    return {"tensors": len(infos_a), "parameters": sum(math.prod(i.shape) for i in infos_a.values()),
-            "architecture": config_a.get("architectures"), "model_type": config_a.get("model_type"),
-            "resized_embeddings": resized}
+        log.warning(
+            "vocab_size %d in A, %d in B (verify.resized_embeddings=skip): %s differ in shape and cannot "
+            "be part of the adapter",
+            *vocab,
+            ", ".join(resized) or "no tensor",
+        )
+    return {
+        "tensors": len(infos_a),
+        "parameters": sum(math.prod(i.shape) for i in infos_a.values()),
+        "architecture": config_a.get("architectures"),
+        "model_type": config_a.get("model_type"),
+        "resized_embeddings": resized,
+    }
