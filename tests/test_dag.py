@@ -214,3 +214,13 @@ def test_the_params_a_stage_module_reads_are_listed():
                 continue
             covered = any(read == k or read.startswith(f"{k}.") or k.startswith(f"{read}.") for k in keys)
             assert covered, f"{name} reads cfg.{read}, but dvc.yaml lists only params {keys}"
+
+
+def test_readme_layout_names_every_module():
+    """The README's layout block lists each module of weightdiff/ by name, and nothing that is not there."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```")[1]
+    rows = [line for line in block.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    named = {word for row in rows for word in row.split("  ")[1].split()}
+    modules = {p.stem for p in (ROOT / "weightdiff").glob("*.py") if p.stem != "__init__"} | {"report/"}
+    assert named == modules, f"README lists {sorted(named - modules)} not in the tree; misses {sorted(modules - named)}"

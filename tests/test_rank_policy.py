@@ -26,7 +26,7 @@ def test_noise_floor_matches_the_largest_singular_value_of_rounding_noise():
     assert 0.5 < measured / predicted < 1.5
 
 
-def test_auto_rank_follows_the_seeds_decision_tree():
+def test_auto_rank_follows_the_model_size_tree():
     assert (auto_rank(1e9), auto_rank(8e9), auto_rank(405e9)) == (32, 16, 8)
 
 

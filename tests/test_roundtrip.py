@@ -103,7 +103,7 @@ def test_extraction_is_deterministic(tiny_pair, tmp_path, cfg):
 @pytest.mark.parametrize(
     "rename",
     [
-        lambda k: k.replace(".weight", ".default"),  # the seeds' key format: PEFT loads nothing
+        lambda k: k.replace(".weight", ".default"),  # the prototype scripts' key format: PEFT loads nothing
         lambda k: k.replace("q_proj", "qkv_proj"),  # keys PEFT has no module for
     ],
 )

@@ -1,11 +1,10 @@
 """The records that cross files between stages, as FORMATS.md documents them (tests/test_records.py checks
 its examples against these): a tensor's index entry, the per-tensor report of extraction."""
 
-from __future__ import annotations
+from typing import Literal
 
-from typing import Literal, TypedDict
-
-from typing_extensions import NotRequired
+# typing_extensions' TypedDict: NotRequired keys are known at runtime on Python 3.10 too (tests check records)
+from typing_extensions import NotRequired, TypedDict
 
 Action = Literal["lora", "lora_embedding", "lora_experts", "save", "skip"]
 
