@@ -5,9 +5,10 @@ from pathlib import Path
 from weightdiff.cli import run_stage
 from weightdiff.figures import pipeline_graph, write_figures
 from weightdiff.files import read_csv, read_json
+from weightdiff.settings import Settings
 
 
-def main(cfg) -> None:
+def main(cfg: Settings) -> None:
     p = cfg.paths
     write_figures(
         read_json(p.tensors),

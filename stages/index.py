@@ -5,9 +5,10 @@ from pathlib import Path
 from weightdiff.cli import run_stage
 from weightdiff.files import read_json, write_json
 from weightdiff.index import build_index
+from weightdiff.settings import Settings
 
 
-def main(cfg) -> None:
+def main(cfg: Settings) -> None:
     write_json(Path(cfg.paths.index), build_index(read_json(cfg.paths.manifest)))
 
 

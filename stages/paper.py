@@ -2,14 +2,13 @@
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from weightdiff.cli import run_stage
 from weightdiff.files import read_csv, read_json
 from weightdiff.report.paper import write_paper
+from weightdiff.settings import Settings, plain
 
 
-def main(cfg) -> None:
+def main(cfg: Settings) -> None:
     p = cfg.paths
     run = {
         "manifest": read_json(p.manifest),
@@ -19,7 +18,7 @@ def main(cfg) -> None:
         "validate": read_json(p.validate_metrics),
         "layers": read_csv(p.layer_divergence),
         "gguf": read_json(p.gguf_metrics),
-        "params": OmegaConf.to_container(cfg, resolve=True),
+        "params": plain(cfg),
     }
     write_paper(run, Path(p.figures), Path(p.paper))
 

@@ -5,10 +5,11 @@ from pathlib import Path
 
 from weightdiff.cli import run_stage
 from weightdiff.files import read_json, require_writable, write_csv, write_json
+from weightdiff.settings import Settings
 from weightdiff.validate import validate
 
 
-def main(cfg) -> None:
+def main(cfg: Settings) -> None:
     for output in (cfg.paths.validate_metrics, cfg.paths.layer_divergence):
         require_writable(Path(output).parent)
     metrics, layers = validate(read_json(cfg.paths.index), Path(cfg.paths.adapter), cfg.validate)

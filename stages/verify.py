@@ -4,10 +4,11 @@ from pathlib import Path
 
 from weightdiff.cli import run_stage
 from weightdiff.files import read_json, write_json
+from weightdiff.settings import Settings
 from weightdiff.verify import verify
 
 
-def main(cfg) -> None:
+def main(cfg: Settings) -> None:
     write_json(
         Path(cfg.paths.verify),
         verify(read_json(cfg.paths.manifest), list(cfg.verify.ignore_config_keys), cfg.verify.resized_embeddings),

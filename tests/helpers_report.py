@@ -129,18 +129,10 @@ def extra_reports() -> list[dict]:
 
 
 def energy_curve(reports: list[dict], max_rank: int) -> list[dict]:
-    """metrics/energy_vs_rank.csv as extract writes it: `energy` over every decomposed report, and one column
-    per module type, each Σ_{i≤k} σᵢ² / Σ ‖ΔW‖²."""
-    spectral = [r for r in reports if "singular_values" in r]
-    groups = {"energy": spectral}
-    for r in spectral:
-        groups.setdefault(r["module_type"], []).append(r)
-    totals = {g: sum(r["delta_norm"] ** 2 for r in rs) for g, rs in groups.items()}
-    return [
-        {"rank": k}
-        | {g: sum(sum(s * s for s in r["singular_values"][:k]) for r in rs) / totals[g] for g, rs in groups.items()}
-        for k in range(1, max_rank + 1)
-    ]
+    """metrics/energy_vs_rank.csv as extract writes it (the one computation of it)."""
+    from weightdiff.metrics import energy_curves
+
+    return energy_curves(reports, max_rank)
 
 
 def extract_metrics(reports: list[dict], policy: str = "fixed", rank: int = RANK) -> dict:

@@ -257,8 +257,6 @@ def test_nonexistent_local_path(source):
 def stage_cli(stage: str, cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`python -m stages.<stage> [overrides]` run as a user runs it, from a directory holding params.yaml."""
     (cwd / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    (cwd / "conf").mkdir(exist_ok=True)
-    (cwd / "conf" / "paths.yaml").write_text((REPO / "conf" / "paths.yaml").read_text())
     return subprocess.run(
         [sys.executable, "-m", f"stages.{stage}", *overrides],
         cwd=cwd,

@@ -142,10 +142,10 @@ def test_code_deps_are_each_stages_import_closure():
     wrong = {}
     for name, stage in dvc_stages().items():
         deps = stage.get("deps", [])
-        listed = [d for d in deps if not d.startswith("${")]
+        listed = [d for d in deps if d.startswith(("stages/", "weightdiff/"))]
         expected = expected_code_deps(stage)
         if sorted(listed) != sorted(expected):
-            line = ", ".join([*expected, *(f'"{d}"' for d in deps if d.startswith("${"))])
+            line = ", ".join([*expected, *(d for d in deps if d not in listed)])
             missing, extra = sorted(set(expected) - set(listed)), sorted(set(listed) - set(expected))
             wrong[name] = f"  {name}:  (missing {missing}, not imported {extra})\n    deps: [{line}]"
     if wrong:
@@ -224,3 +224,23 @@ def test_readme_layout_names_every_module():
     named = {word for row in rows for word in row.split("  ")[1].split()}
     modules = {p.stem for p in (ROOT / "weightdiff").glob("*.py") if p.stem != "__init__"} | {"report/"}
     assert named == modules, f"README lists {sorted(named - modules)} not in the tree; misses {sorted(modules - named)}"
+
+
+def test_each_stage_declares_the_files_it_reads_and_writes():
+    """The paths a stage module uses (settings.Paths) are its deps or outs in dvc.yaml, and dvc.yaml names no data
+    file that Paths does not: the two places paths are written agree."""
+    from dataclasses import asdict
+
+    from weightdiff.settings import Paths
+
+    paths = asdict(Paths())
+    declared_anywhere = set()
+    for name, stage in dvc_stages().items():
+        declared = {str(e) for key in ("deps", "outs", "metrics", "plots") for e in stage.get(key) or []}
+        declared_anywhere |= {d for d in declared if not d.startswith(("stages/", "weightdiff/"))}
+        used = set(
+            re.findall(r"\b(?:p|paths)\.(\w+)", (ROOT / (stage_module(stage).replace(".", "/") + ".py")).read_text())
+        )
+        missing = sorted(paths[k] for k in used - {"checkpoints"} if paths[k] not in declared)
+        assert not missing, f"stage {name} uses {missing}, which dvc.yaml does not list for it"
+    assert declared_anywhere <= set(paths.values()), sorted(declared_anywhere - set(paths.values()))

@@ -342,8 +342,6 @@ def test_kill_9_mid_file_then_rerun_equals_an_uninterrupted_run(standin, repos, 
     uninterrupted = manifest(config(tmp_path / "reference", "org/name", "org/name"))
     hf_home = tmp_path / "hf-home-of-the-stage"
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    (tmp_path / "conf").mkdir()
-    (tmp_path / "conf" / "paths.yaml").write_text((REPO / "conf" / "paths.yaml").read_text())
     overrides = ["model_a=org/name", "model_b=org/name"]
     standin.bytes_per_second = 16 * 2**20  # 1.5 s for the weights
 

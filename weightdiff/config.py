@@ -1,11 +1,10 @@
-"""The run's configuration: params.yaml (what DVC tracks) with Hydra overrides, plus conf/paths.yaml (wiring),
-checked against weightdiff.settings.
+"""The run's configuration: params.yaml (what DVC tracks) with Hydra overrides, checked against
+weightdiff.settings.
 
 Stages read params.yaml rather than composing conf/ because `dvc exp run -S` writes its composition
 there; reading conf/ again would silently drop the experiment's overrides. `python -m weightdiff.config
-[overrides]` composes conf/ into params.yaml, as DVC does, for plain `dvc repro` runs. Paths are not params:
-dvc.yaml reads conf/paths.yaml as `vars`, so they stay out of `dvc exp show`; `paths.<key>=...` overrides
-them for one stage run.
+[overrides]` composes conf/ into params.yaml, as DVC does, for plain `dvc repro` runs. Paths are not params
+(settings.Paths): `paths.<key>=...` overrides one for a stage run.
 """
 
 from __future__ import annotations
@@ -36,13 +35,8 @@ def run_config(overrides: Sequence[str] = (), params: Path | None = None) -> Set
         raise WeightdiffError(f"{params} not found: run stages from the repository root")
     path_overrides = [o for o in overrides if _key(o).startswith("paths.")]
     cfg = _compose(params.parent, params.stem, [o for o in overrides if o not in path_overrides])
-    paths_yaml = params.parent / "conf" / "paths.yaml"
-    if not paths_yaml.is_file():
-        raise WeightdiffError(f"{paths_yaml} not found: run stages from the repository root")
-    paths = OmegaConf.load(paths_yaml)
-    paths = OmegaConf.merge(paths, OmegaConf.from_dotlist([o.lstrip("+") for o in path_overrides]))
-    OmegaConf.set_struct(cfg, False)  # Hydra's composition admits no new keys; the schema checks them instead
-    return typed(Settings, OmegaConf.merge(cfg, paths))
+    paths = OmegaConf.from_dotlist([o.lstrip("+") for o in path_overrides])
+    return typed(Settings, cfg, paths)
 
 
 def _key(override: str) -> str:

@@ -278,22 +278,24 @@ class GgufSettings:
 
 @dataclass
 class Paths:
-    """Where stages read and write: wiring, not experiment knobs (conf/paths.yaml; dvc.yaml reads it too)."""
+    """Where stages read and write, from the repository root: wiring, not experiment knobs, so not in params.yaml
+    (`dvc exp show` lists params). dvc.yaml names the same files (tests/test_dag.py checks it); `paths.<key>=...`
+    overrides one for a stage run."""
 
-    manifest: str = MISSING
-    verify: str = MISSING
-    index: str = MISSING
-    adapter: str = MISSING
-    checkpoints: str = MISSING
-    tensors: str = MISSING
-    extract_metrics: str = MISSING
-    energy_curve: str = MISSING
-    validate_metrics: str = MISSING
-    layer_divergence: str = MISSING
-    gguf: str = MISSING
-    gguf_metrics: str = MISSING
-    figures: str = MISSING
-    paper: str = MISSING
+    manifest: str = "artifacts/manifest.json"
+    verify: str = "artifacts/verify.json"
+    index: str = "artifacts/index.json"
+    adapter: str = "artifacts/adapter"
+    checkpoints: str = "artifacts/checkpoints"
+    tensors: str = "artifacts/extract/tensors.json"
+    extract_metrics: str = "metrics/extract.json"
+    energy_curve: str = "metrics/energy_vs_rank.csv"
+    validate_metrics: str = "metrics/validate.json"
+    layer_divergence: str = "metrics/layer_divergence.csv"
+    gguf: str = "artifacts/adapter.gguf"
+    gguf_metrics: str = "metrics/gguf.json"
+    figures: str = "reports/figures"
+    paper: str = "reports/paper"
 
 
 @dataclass
