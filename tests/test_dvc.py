@@ -66,7 +66,7 @@ def project(tmp_path_factory, hub_cache, smollm2_pair) -> Project:
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()
     for f in files:
-        if (REPO / f).is_file():
+        if (REPO / f).is_file() and f != "dvc.lock":  # a clone has no lock file: this working tree's is local
             (root / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, root / f)
     env = os.environ | {
@@ -86,8 +86,18 @@ def project(tmp_path_factory, hub_cache, smollm2_pair) -> Project:
     return p
 
 
-def test_first_repro_runs_all_eight_stages(project):
-    assert project.repro() == STAGES
+@pytest.fixture(scope="module")
+def reproduced(project) -> list[str]:
+    """The stages the clone's first `dvc repro` ran; its results are committed as the baseline that every later
+    test starts from and leaves as it found it, so each test also runs alone (-k) or in any order."""
+    stages = project.repro()
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-qm", "baseline run")
+    return stages
+
+
+def test_first_repro_runs_all_eight_stages(project, reproduced):
+    assert reproduced == STAGES
     for out in [
         "artifacts/adapter/adapter_model.safetensors",
         "artifacts/adapter.gguf",
@@ -101,12 +111,12 @@ def test_first_repro_runs_all_eight_stages(project):
     assert validate["kl_adapted"] <= 1e-4 and validate["gap_closed"] >= 0.999 and validate["texts"] == "built-in"
 
 
-def test_second_repro_runs_nothing(project):
+def test_second_repro_runs_nothing(project, reproduced):
     assert project.repro() == []
     assert "up to date" in project.run("dvc", "status")
 
 
-def test_rank_change_reruns_extract_and_what_follows_only(project):
+def test_rank_change_reruns_extract_and_what_follows_only(project, reproduced):
     params = project.root / "params.yaml"
     original = params.read_text()
     params.write_text(original.replace("  rank: auto\n", "  rank: 8\n"))
@@ -115,20 +125,23 @@ def test_rank_change_reruns_extract_and_what_follows_only(project):
     assert project.repro() == ["extract", "validate", "gguf-convert", "figures", "paper"]
     assert json.loads((project.root / "metrics/extract.json").read_text())["rank"] == 8
     params.write_text(original)
-    project.repro()  # back to the committed params, mostly from the run cache
-    project.run("git", "add", "-A")
-    project.run("git", "commit", "-qm", "baseline run")
+    project.repro()  # back to the baseline, from the run cache
+    assert project.run("git", "status", "--porcelain") == ""
 
 
-def test_exp_run_with_override_is_listed_with_its_metrics(project):
+def test_exp_run_with_override_is_listed_with_its_metrics(project, reproduced):
+    project.run("dvc", "exp", "remove", "--all-commits")
     project.run("dvc", "exp", "run", "-S", "extract.rank=8")
     [exp] = project.experiments()
     assert exp["params"]["extract"]["rank"] == 8
     assert exp["metrics"]["metrics/extract.json"]["rank"] == 8
     assert exp["metrics"]["metrics/validate.json"]["kl_adapted"] > 0
+    project.run("git", "checkout", "--", ".")  # `dvc exp run` applied the experiment: back to the baseline
+    project.run("dvc", "checkout", "--force")
+    assert "up to date" in project.run("dvc", "status")
 
 
-def test_queued_rank_sweep_ends_with_both_experiments(project):
+def test_queued_rank_sweep_ends_with_both_experiments(project, reproduced):
     project.run("dvc", "exp", "remove", "--all-commits")
     project.run("dvc", "exp", "run", "--queue", "-S", "extract.rank=4,12")
     project.run("dvc", "queue", "start", "-j", "1")
