@@ -18,9 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from extract_bench import write_pair  # benchmarks/, on sys.path as the script's own directory
+from weightdiff.settings import Paths
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,24 +51,12 @@ def main() -> None:
         f"{size / 2 * 1e-9:.2f} B parameters per model, "
         f"{2 * size * 2 / 2**30:.1f} GiB for both in fp32; written in {time.perf_counter() - t:.0f} s to {work}"
     )
-    paths = [
-        "manifest",
-        "verify",
-        "index",
-        "adapter",
-        "checkpoints",
-        "tensors",
-        "extract_metrics",
-        "energy_curve",
-        "validate_metrics",
-        "layer_divergence",
-    ]
     overrides = [
         f"model_a={dir_a}",
         f"model_b={dir_b}",
         "extract.rank=16",
         "extract.svd.check_samples=0",
-        *(f"paths.{k}={work / 'run' / k}" for k in paths),
+        *(f"paths.{k}={work / 'run' / k}" for k in asdict(Paths())),
         *args.overrides,
     ]
     for name in ("download", "verify", "index", "extract"):

@@ -10,10 +10,10 @@ from weightdiff.settings import Settings
 
 def main(cfg: Settings) -> None:
     p = cfg.paths
-    for output in (p.adapter, p.checkpoints, p.tensors, p.extract_metrics, p.energy_curve):
+    for output in (p.adapter, p.resume, p.tensors, p.extract_metrics, p.energy_curve):
         require_writable(Path(output).parent)
     metrics, reports, curves = extract(
-        read_json(p.index), read_json(p.manifest), cfg.extract, Path(p.adapter), Path(p.checkpoints)
+        read_json(p.index), read_json(p.manifest), cfg.extract, Path(p.adapter), Path(p.resume)
     )
     write_json(Path(p.tensors), reports)
     write_csv(Path(p.energy_curve), curves)

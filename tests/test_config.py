@@ -77,11 +77,11 @@ def test_lora_bias_with_lora_embeddings_is_refused_by_the_settings():
         updated(typed(ExtractSettings, {}), extras={"biases": "lora", "embeddings": "lora"})
 
 
-def test_extract_checkpoints_survive_dvc_rerunning_the_stage():
+def test_the_resume_store_survives_dvc_rerunning_the_stage():
     """DVC deletes a stage's outs before running it: a resume store inside one could never resume a killed run."""
     from dvc.repo import Repo
 
-    checkpoints = Path(run_config(params=REPO / "params.yaml").paths.checkpoints)
+    store = Path(run_config(params=REPO / "params.yaml").paths.resume)
     with Repo(str(REPO)) as repo:
         outs = [Path(str(o.def_path)) for stage in repo.index.stages for o in stage.outs]
-    assert outs and not any(checkpoints == o or o in checkpoints.parents for o in outs)
+    assert outs and not any(store == o or o in store.parents for o in outs)

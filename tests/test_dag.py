@@ -242,7 +242,7 @@ def test_each_stage_declares_the_files_it_reads_and_writes():
         used = set(
             re.findall(r"\b(?:p|paths)\.(\w+)", (ROOT / (stage_module(stage).replace(".", "/") + ".py")).read_text())
         )
-        missing = sorted(paths[k] for k in used - {"checkpoints"} if paths[k] not in declared)
+        missing = sorted(paths[k] for k in used - {"resume"} if paths[k] not in declared)
         assert not missing, f"stage {name} uses {missing}, which dvc.yaml does not list for it"
     assert declared_anywhere <= set(paths.values()), sorted(declared_anywhere - set(paths.values()))
 

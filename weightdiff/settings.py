@@ -286,7 +286,7 @@ class Paths:
     verify: str = "artifacts/verify.json"
     index: str = "artifacts/index.json"
     adapter: str = "artifacts/adapter"
-    checkpoints: str = "artifacts/checkpoints"
+    resume: str = "artifacts/resume"  # the resume store of an interrupted extraction: not a DVC out
     tensors: str = "artifacts/extract/tensors.json"
     extract_metrics: str = "metrics/extract.json"
     energy_curve: str = "metrics/energy_vs_rank.csv"
