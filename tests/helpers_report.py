@@ -22,7 +22,8 @@ def lora_report(
     action: str = "lora",
     shape: tuple[int, ...] = (32, 64),
 ) -> dict:
-    """A decomposed target; no singular values means an unchanged (zero) delta."""
+    """A decomposed target; no singular values means an unchanged (zero) delta, reported as extraction reports
+    one (actions.zero)."""
     base = {
         "name": f"{module}.weight",
         "module": module,
@@ -32,7 +33,14 @@ def lora_report(
         "shape": list(shape),
     }
     if not singular_values:
-        return base | {"delta_norm": 0.0, "status": "zero"}
+        return base | {
+            "delta_norm": 0.0,
+            "status": "zero",
+            "rank": 0,
+            "energy": 1.0,
+            "rel_error": 0.0,
+            "singular_values": [],
+        }
     kept = sum(s * s for s in singular_values)
     return base | {
         "delta_norm": math.sqrt(kept / energy),
@@ -126,13 +134,6 @@ def extra_reports() -> list[dict]:
             "delta_norm": 0.3,
         },
     ]
-
-
-def energy_curve(reports: list[dict], max_rank: int) -> list[dict]:
-    """metrics/energy_vs_rank.csv as extract writes it (the one computation of it)."""
-    from weightdiff.metrics import energy_curves
-
-    return energy_curves(reports, max_rank)
 
 
 def extract_metrics(reports: list[dict], policy: str = "fixed", rank: int = RANK) -> dict:

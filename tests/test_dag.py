@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from weightdiff.settings import RUN_ONLY_KEYS
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("stages", "weightdiff")
 # Keys that cannot change what extract writes: how far it reads ahead, and where it computes (both devices run the
 # same float32 decomposition of the same ΔW).
-EXTRACT_NOT_PARAMS = {"prefetch", "device"}
+EXTRACT_NOT_PARAMS = set(RUN_ONLY_KEYS)  # what cannot change the result: not in the resume key either
 
 
 def dvc_stages() -> dict[str, dict]:
@@ -182,7 +184,7 @@ def test_params_are_keys_of_params_yaml():
 
 
 def test_extract_lists_every_key_that_can_change_its_result():
-    """All of extract.* but prefetch and device: a new extract key must be added here, or to EXTRACT_NOT_PARAMS."""
+    """All of extract.* but prefetch and device: a new extract key must be added here, or to RUN_ONLY_KEYS."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     listed = {k.removeprefix("extract.") for k in stage_params(dvc_stages()["extract"])}
     assert "extract" not in listed, "extract lists all of extract.*, prefetch and device too"

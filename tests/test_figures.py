@@ -19,7 +19,6 @@ from dvc.repo import Repo
 from helpers_report import (
     RANK,
     TYPES,
-    energy_curve,
     expert_reports,
     extra_reports,
     extract_metrics,
@@ -35,6 +34,7 @@ from weightdiff.figures import (
     pipeline_rows,
     write_figures,
 )
+from weightdiff.metrics import energy_curves
 from weightdiff.report.facts import PAPER_FIGURES, layer_norm_grid, unlayered_norms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def figures(tmp_path_factory: pytest.TempPathFactory, pipeline: nx.DiGraph) -> l
     reports = synthetic_reports()
     return write_figures(
         reports,
-        energy_curve(reports, RANK),
+        energy_curves(reports, RANK),
         extract_metrics(reports),
         synthetic_divergence(),
         pipeline,
@@ -263,7 +263,7 @@ def test_extras_stay_out_of_the_per_module_figures_and_experts_join_them(tmp_pat
     assert len(
         write_figures(
             reports,
-            energy_curve(reports, metrics["rank_max"]),
+            energy_curves(reports, metrics["rank_max"]),
             metrics,
             synthetic_divergence(),
             pipeline,

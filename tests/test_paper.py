@@ -14,7 +14,6 @@ from dvc.repo import Repo
 
 from helpers_report import (
     RANK,
-    energy_curve,
     expert_reports,
     extra_reports,
     extract_metrics,
@@ -22,6 +21,7 @@ from helpers_report import (
     synthetic_reports,
 )
 from weightdiff.figures import FIGURE_NAMES, write_figures
+from weightdiff.metrics import energy_curves
 from weightdiff.report import facts
 from weightdiff.report.facts import (
     energy_at,
@@ -70,7 +70,7 @@ def synthetic_run(reports: list[dict] | None = None, policy: str = "fixed") -> d
         },
         "extract": metrics,
         "tensors": reports,
-        "energy": energy_curve(reports, metrics["rank_max"]),
+        "energy": energy_curves(reports, metrics["rank_max"]),
         "validate": {
             "kl_adapted": 2.5e-6,
             "kl_base": 0.0834,
@@ -317,10 +317,14 @@ def test_module_type_rows_pool_the_energy_the_adapter_keeps() -> None:
         "singular_values": [0.6, 0.4],
     }
     b = a | {"name": "b.weight", "delta_norm": 3.0, "rank": 5, "energy": 0.9}
-    zero = {k: v for k, v in a.items() if k not in ("rank", "energy", "singular_values")} | {
+    zero = a | {  # as extraction reports an all-zero delta (actions.zero)
         "name": "z.weight",
         "delta_norm": 0.0,
         "status": "zero",
+        "rank": 0,
+        "energy": 1.0,
+        "rel_error": 0.0,
+        "singular_values": [],
     }
     bias = {
         "name": "a.bias",

@@ -14,21 +14,11 @@ from weightdiff.decompose import Method, tensor_seed
 from weightdiff.errors import WeightdiffError
 from weightdiff.lowrank import truncated_svd
 from weightdiff.rank import energy_rank
-from weightdiff.records import TensorReport
+from weightdiff.records import LORA_ACTIONS, TensorReport, decomposed, energy_kept
 from weightdiff.safetensors_io import TensorReader
 from weightdiff.stream import Delta, pair_delta
 
 log = logging.getLogger(__name__)
-
-
-def decomposed(reports: list[TensorReport]) -> list[TensorReport]:
-    return [r for r in reports if "singular_values" in r]
-
-
-def energy_kept(reports: list[TensorReport]) -> float:
-    """Σ kept σ² / Σ ‖ΔW‖² over the decomposed tensors (1 when there is no delta at all)."""
-    total = sum(r["delta_norm"] ** 2 for r in reports)
-    return sum(r["energy"] * r["delta_norm"] ** 2 for r in reports) / total if total else 1.0
 
 
 def energy_curves(reports: list[TensorReport], max_rank: int) -> list[dict[str, float]]:
@@ -49,7 +39,7 @@ def energy_curves(reports: list[TensorReport], max_rank: int) -> list[dict[str, 
 
 def summary(reports: list[TensorReport], method: Method, adapter_rank: int) -> dict:
     """The run's headline numbers; refuses a pair with no delta in any target."""
-    targets = [r for r in reports if r["action"] in ("lora", "lora_experts", "lora_embedding") and "rank" in r]
+    targets = [r for r in reports if r["action"] in LORA_ACTIONS and "rank" in r]
     chosen = [r for r in targets if r["status"] == "extracted"]
     if not chosen:
         raise WeightdiffError(

@@ -1,7 +1,8 @@
 """The records that cross files between stages, as FORMATS.md documents them (tests/test_records.py checks
 its examples against these): a tensor's index entry, the per-tensor report of extraction."""
 
-from typing import Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 # typing_extensions' TypedDict: NotRequired keys are known at runtime on Python 3.10 too (tests check records)
 from typing_extensions import NotRequired, TypedDict
@@ -53,3 +54,20 @@ class TensorReport(TypedDict):
     energy_exact: NotRequired[float]  # the exact SVD's energy at the same rank (extract.svd.check_samples)
     experts: NotRequired[ExpertArrays]
     bytes: NotRequired[int]  # save: the size of B's weights in the adapter
+
+
+LORA_ACTIONS = ("lora", "lora_embedding", "lora_experts")
+R = TypeVar("R", bound=Mapping[str, Any])  # a report: TensorReport, or the plain dicts tensors.json reads back as
+
+
+def decomposed(reports: Iterable[R]) -> list[R]:
+    """The reports with a spectrum: every tensor a lora action decomposed or found unchanged (a bias carried in
+    lora_B.bias has none: it rides on its layer's weight)."""
+    return [r for r in reports if "singular_values" in r]
+
+
+def energy_kept(reports: Sequence[Mapping[str, Any]]) -> float:
+    """Σ energyᵢ‖ΔWᵢ‖² / Σ ‖ΔWᵢ‖² over decomposed reports: the one definition of the energy an adapter keeps,
+    wherever it is quoted (metrics, diagnosis, paper); 1 when there is no delta at all."""
+    total = sum(r["delta_norm"] ** 2 for r in reports)
+    return sum(r["energy"] * r["delta_norm"] ** 2 for r in reports) / total if total else 1.0

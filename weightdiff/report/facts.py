@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-LORA_ACTIONS = ("lora", "lora_embedding", "lora_experts")
+from weightdiff.records import decomposed, energy_kept
+
 # Module types in the order of a transformer block; tensors.json follows the checkpoint's alphabetical order,
 # which would scatter them across tables and legends.
 BLOCK_ORDER = (
@@ -93,12 +94,6 @@ FILTERS = {
 # ---------------------------------------------------------------- which reports are which
 
 
-def decomposed(reports: list[dict]) -> list[dict]:
-    """The LoRA targets: reports that were decomposed or found unchanged. Extras saved whole or skipped have
-    no spectrum, and a bias carried in lora_B.bias rides on its layer's weight, which is already counted."""
-    return [r for r in reports if r["action"] in LORA_ACTIONS and (r["status"] == "zero" or "singular_values" in r)]
-
-
 def lora_biases(reports: list[dict]) -> list[dict]:
     """Biases carried whole in lora_B.bias (PEFT lora_bias): extracted, but with no rank of their own."""
     return [r for r in reports if r["action"] == "lora" and r["status"] == "extracted" and "rank" not in r]
@@ -171,10 +166,9 @@ def layer_range(reports: list[dict]) -> dict | None:
 
 
 def kept_energy(reports: list[dict]) -> float | None:
-    """Σ energyᵢ‖ΔWᵢ‖² / Σ ‖ΔWᵢ‖²: what the adapter keeps of these tensors at the ranks it really has (under
-    every rank policy, clamping included); None when every delta is zero."""
-    total = sum(r["delta_norm"] ** 2 for r in reports)
-    return sum(r.get("energy", 0.0) * r["delta_norm"] ** 2 for r in reports) / total if total else None
+    """What the adapter keeps of these decomposed tensors at the ranks it really has (records.energy_kept);
+    None when every delta is zero, which the paper shows as a dash rather than as 1."""
+    return energy_kept(reports) if pooled_norm(reports) else None
 
 
 def module_type_rows(reports: list[dict]) -> list[dict]:
