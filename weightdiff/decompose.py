@@ -112,15 +112,18 @@ class Method:
         """
         m, n = dw.shape[-2:]
         cap = min(self.rank if fixed else sketch_rank(self.policy, self.rank, self.max_rank), m, n)
+        # the SVD of ΔW as given: a one-matrix batch [1, m, n] would take other kernels and round differently
         full = self.svd_of(dw, cap, tensor_seed(name, self.svd.seed))
-        U, S, Vh = (x if dw.ndim == 3 else x[None] for x in (full.U.cpu(), full.S.cpu(), full.Vh.cpu()))
+        one = dw.ndim == 2  # a linear layer or an embedding: a stack of one from here on
+        stack = dw[None] if one else dw
+        U, S, Vh = (x.cpu()[None] if one else x.cpu() for x in (full.U, full.S, full.Vh))
         policy = "fixed" if fixed else self.policy
         ranks = [
             chosen_rank(policy, S[e], norms[e].item() ** 2, energy=self.energy, floor=floor) if norms[e] > 0 else 0
             for e in range(len(S))
         ]
         r = max(max(ranks), 1)
-        kept = S[:, :r] * (torch.arange(r) < torch.tensor(ranks)[:, None]) if dw.ndim == 3 else S[:, :r]
+        kept = S[:, :r] * (torch.arange(r) < torch.tensor(ranks)[:, None])  # zero beyond each matrix's own rank
         t = Truncated(Vh[:, :r].mT, kept, U[..., :r].mT) if transposed else Truncated(U[..., :r], kept, Vh[:, :r])
         scaling = self.scaling(r)
         B, A = (f.to(self.dtype).contiguous() for f in lora_factors(t, scaling))
@@ -129,6 +132,5 @@ class Method:
                 f"{name}: LoRA factors (largest singular value {S.max().item():.4g}) overflow "
                 f"{self.dtype}; use extract.dtype=bf16 or fp32"
             )
-        stack = dw if dw.ndim == 3 else dw[None]
         errors = residual_norms(stack.mT if transposed else stack, B.float(), A.float(), scaling)  # as stored
         return LowRank(ranks, B, A, kept, norms, errors, scaling)
