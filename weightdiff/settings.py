@@ -69,6 +69,13 @@ class ModuleChoice(Choice):
     lora = "lora"
 
 
+class Profile(Choice):
+    """faithful: every non-zero delta in the most faithful form PEFT loads; serving: only what LoRA servers load."""
+
+    faithful = "faithful"
+    serving = "serving"
+
+
 class ResizedEmbeddings(Choice):
     error = "error"
     skip = "skip"
@@ -225,6 +232,11 @@ class SvdSettings:
 
 @dataclass
 class ExtractSettings:
+    profile: Profile = helped(
+        Profile.faithful,
+        "faithful: `extras` as set; serving: LoRA on linear layers only (no modules_to_save, lm_head, embeddings "
+        "or lora_bias, which LoRA servers such as vLLM refuse), ranks capped at max_rank",
+    )
     rank: int | str = helped("auto", "a positive integer, or auto: by model size (< 7B: 32, > 70B: 8, else 16)")
     rank_policy: RankPolicy = helped(
         RankPolicy.fixed,
@@ -274,6 +286,11 @@ class ValidateSettings:
 @dataclass
 class GgufSettings:
     dtype: GgufDtype = helped(GgufDtype.f32, "of the GGUF adapter's tensors")
+    strict: bool = helped(
+        False,
+        "false: write what GGUF holds and list what it leaves out (or, for an architecture llama.cpp has no LoRA "
+        "support for, write no file and say why); true: either is an error",
+    )
 
 
 @dataclass
