@@ -164,6 +164,15 @@ def extract_metrics(reports: list[dict], policy: str = "fixed", rank: int = RANK
             "skipped": len(skipped),
             "skipped_delta_norm": math.sqrt(sum(r["delta_norm"] ** 2 for r in skipped)),
         },
+        "left_out": [
+            {
+                "module_type": module_type,
+                "tensors": sum(r["module_type"] == module_type for r in skipped),
+                "share": sum(r["delta_norm"] ** 2 for r in skipped if r["module_type"] == module_type) / 12.5**2,
+                "reason": "extract.extras.norms=skip",
+            }
+            for module_type in sorted({r["module_type"] for r in skipped})
+        ],
         "diagnosis": {
             "low_rank": False,
             "energy": 0.6123,

@@ -79,9 +79,20 @@ def synthetic_run(reports: list[dict] | None = None, policy: str = "fixed") -> d
             "tokens": 256,
             "gap_closed": 1 - 2.5e-6 / 0.0834,
             "texts": "built-in",
+            "verdict": "reproduces",
+            "gap_closed_target": 0.99,
+            "verdict_summary": "A + adapter reproduces B: rank 4 keeps 61% of ‖ΔW‖² yet closes 99.997% of the KL gap",
         },
         "layers": synthetic_divergence(),
-        "gguf": {"arch": "llama", "tensors": 44, "bytes": 35_200_000, "dtype": "f32"},
+        "gguf": {
+            "written": True,
+            "reason": None,
+            "arch": "llama",
+            "tensors": 44,
+            "bytes": 35_200_000,
+            "dtype": "f32",
+            "left_out": [],
+        },
         "params": {
             "model_a": "org/base",
             "model_b": "org/tuned",
@@ -413,3 +424,43 @@ def test_the_stages_hand_their_files_to_figures_and_paper(tmp_path: Path, monkey
     assert sorted(p.name for p in (tmp_path / "reports/figures").iterdir()) == sorted(FIGURE_NAMES)
     text = (tmp_path / "reports/paper/paper.md").read_text()
     assert "a rank-4 LoRA adapter" in text and (tmp_path / "reports/paper/paper.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_the_verdict_is_by_function_and_energy_only_explains_it() -> None:
+    run = synthetic_run()
+    run["validate"] |= {
+        "gap_closed": 0.94,
+        "verdict": "falls_short",
+        "verdict_summary": "A + adapter falls short of B (target 99.0%) although rank 4 keeps 99.9% of ‖ΔW‖²",
+    }
+    text = markdown_of(run)
+    assert "Judged by what it does rather than by the energy\nit keeps: A + adapter falls short of B" in text
+    assert "**Verdict** (A + adapter counts as reproducing B when it closes at least 99.0% of the KL gap)" in text
+    assert "- **A + adapter falls short of B**: A + adapter falls short of B (target 99.0%)" in text
+    assert "The energy kept, below, explains this verdict; it does not make it." in text
+    assert "**A + adapter reproduces B**" in markdown_of(synthetic_run())
+
+
+def test_what_the_adapter_and_the_gguf_leave_out_is_listed_with_shares_and_reasons() -> None:
+    run = synthetic_run(synthetic_reports() + extra_reports())
+    run["extract"]["left_out"] = [
+        {"module_type": "input_layernorm", "tensors": 30, "share": 0.0004, "reason": "extract.extras.norms=skip"},
+        {"module_type": "lm_head", "tensors": 1, "share": 0.05, "reason": "extract.profile=serving"},
+    ]
+    run["gguf"]["left_out"] = [
+        {"tensor": f"model.layers.{i}.input_layernorm", "reason": "a full weight (modules_to_save)"} for i in range(4)
+    ] + [{"tensor": "model.layers.0.self_attn.q_proj.lora_B.bias", "reason": "llama.cpp applies no LoRA bias"}]
+    text = markdown_of(run)
+    assert (
+        "**What the adapter leaves out.** lm_head (1 tensor, 5% of\n  ‖ΔW‖²: extract.profile=serving); "
+        "input_layernorm (30 tensors, 0.04% of\n  ‖ΔW‖²: extract.extras.norms=skip)."
+    ) in text
+    assert "| GGUF export | llama, 44 tensors, f32; 5 adapter tensors left out (§5.2) |" in text
+    assert "4 tensors (`model.layers.0.input_layernorm`, `model.layers.1.input_layernorm`," in text
+    assert ": a full weight (modules_to_save); 1 tensor (`model.layers.0.self_attn.q_proj.lora_B.bias`)" in text
+
+    run["gguf"] |= {"written": False, "reason": "llama.cpp has no LoRA support for model_type 'bert'", "left_out": []}
+    text = markdown_of(run)
+    assert "| GGUF export | not written: llama.cpp has no LoRA support for model_type 'bert' |" in text
+    assert "**No GGUF adapter.** llama.cpp has no LoRA support for model_type 'bert'; the PEFT adapter" in text
+    assert "GGUF adapter size" not in text

@@ -195,19 +195,23 @@ class VerifySettings:
 
 @dataclass
 class ExtrasSettings:
-    """Deltas that are not LoRA-shaped, and what becomes of them."""
+    """Deltas that are not LoRA factors of a target layer, and what becomes of them. By default each goes into the
+    adapter in the most faithful form PEFT loads; whatever is still left out is named, with its share of ‖ΔW‖², at
+    the end of the extract log and in metrics/extract.json (`left_out`)."""
 
-    norms: NormsChoice = helped(NormsChoice.skip, "skip, or save whole (modules_to_save)")
-    biases: BiasesChoice = helped(BiasesChoice.skip, "biases of target layers: skip, or lora (PEFT's lora_bias)")
-    embeddings: ModuleChoice = helped(ModuleChoice.skip, "skip, save whole, or lora (lora_embedding_A/B)")
-    lm_head: ModuleChoice = helped(ModuleChoice.skip, "skip, save whole, or lora (a LoRA target)")
-
-    def __post_init__(self) -> None:
-        if self.biases == BiasesChoice.lora and self.embeddings == ModuleChoice.lora:
-            raise WeightdiffError(
-                "extract.extras: PEFT's lora_bias (biases=lora) does not support Embedding layers; "
-                "with biases=lora use embeddings=save or skip"
-            )
+    norms: NormsChoice = helped(NormsChoice.save, "save whole (modules_to_save, the only way PEFT carries a norm), or skip")
+    biases: BiasesChoice = helped(
+        BiasesChoice.lora,
+        "biases of target layers: lora (PEFT's lora_bias, where PEFT can apply it to the whole adapter), or skip",
+    )
+    embeddings: ModuleChoice = helped(
+        ModuleChoice.lora,
+        "lora (lora_embedding_A/B; on tied models also the LM head, via PEFT's ensure_weight_tying), save whole, "
+        "or skip",
+    )
+    lm_head: ModuleChoice = helped(
+        ModuleChoice.lora, "an untied LM head: lora (a LoRA target), save whole, or skip; a tied one follows embeddings"
+    )
 
 
 @dataclass
@@ -234,8 +238,8 @@ class SvdSettings:
 class ExtractSettings:
     profile: Profile = helped(
         Profile.faithful,
-        "faithful: `extras` as set; serving: LoRA on linear layers only (no modules_to_save, lm_head, embeddings "
-        "or lora_bias, which LoRA servers such as vLLM refuse), ranks capped at max_rank",
+        "faithful: `extras` as set; serving: LoRA on linear layers and experts only (no modules_to_save, lm_head, "
+        "embeddings or lora_bias, which LoRA servers such as vLLM refuse or drop), every rank capped at max_rank",
     )
     rank: int | str = helped("auto", "a positive integer, or auto: by model size (< 7B: 32, > 70B: 8, else 16)")
     rank_policy: RankPolicy = helped(
@@ -243,8 +247,10 @@ class ExtractSettings:
         "fixed: `rank` everywhere; energy: per module the smallest rank keeping `energy` of "
         "‖ΔW‖²; noise_floor: the singular values above the checkpoints' rounding noise",
     )
-    energy: float = helped(0.9, "target of rank_policy=energy; below it globally ΔW is diagnosed as not low-rank")
-    max_rank: int = helped(64, "cap of the adaptive policies")
+    energy: float = helped(
+        0.9, "target of rank_policy=energy; below it (globally) the extract log names the tensors that keep least"
+    )
+    max_rank: int = helped(64, "cap of the adaptive policies, and of every rank under profile=serving")
     alpha: float | None = helped(None, "null: alpha = rank (PEFT scaling 1); else folded into the factors")
     target_modules: Any = helped("auto", "auto, all-linear, or a list of names (PEFT's suffix rule; conf/targets/)")
     extras: ExtrasSettings = field(default_factory=ExtrasSettings)
@@ -281,6 +287,13 @@ class ValidateSettings:
     seed: int = helped(0, "shuffles the texts' records (or draws the seeded ids)")
     dtype: ModelDtype = helped(ModelDtype.fp32, "the models' arithmetic; KL is accumulated in fp64 either way")
     device: str = helped("cpu", "a torch device")
+    gap_closed_target: float = helped(
+        0.99, "the share of KL(B ‖ A) the adapter must remove to count as reproducing B (the verdict), in (0, 1]"
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gap_closed_target <= 1:
+            raise fail("validate.gap_closed_target", self.gap_closed_target, "a fraction in (0, 1]")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from weightdiff.records import decomposed, energy_kept
+from weightdiff.verdict import percent
 
 # Module types in the order of a transformer block; tensors.json follows the checkpoint's alphabetical order,
 # which would scatter them across tables and legends.
@@ -87,6 +88,7 @@ FILTERS = {
     "bytes": fmt_bytes,
     "ratio": fmt_ratio,
     "pct": fmt_pct,
+    "share": percent,
     "count": fmt_count,
 }
 
@@ -283,6 +285,20 @@ def extras_facts(reports: list[dict], metrics: dict) -> dict:
     }
 
 
+def left_out_facts(metrics: dict) -> list[dict]:
+    """The deltas extraction did not carry, by group with their share of ‖ΔW‖² and the reason, largest first."""
+    return sorted(metrics["left_out"], key=lambda group: group["share"], reverse=True)
+
+
+def gguf_facts(gguf: dict) -> dict:
+    """The GGUF export as written (or why not), with what it left out grouped by reason, largest group first."""
+    by_reason: dict[str, list[str]] = {}
+    for entry in gguf["left_out"]:
+        by_reason.setdefault(entry["reason"], []).append(entry["tensor"])
+    groups = [{"reason": reason, "tensors": names} for reason, names in by_reason.items()]
+    return gguf | {"left_out_groups": sorted(groups, key=lambda g: len(g["tensors"]), reverse=True)}
+
+
 def experts_facts(reports: list[dict]) -> dict | None:
     """The fused MoE expert parameters (lora_experts), each decomposed expert by expert; None without them."""
     fused = [r for r in decomposed(reports) if r["action"] == "lora_experts"]
@@ -309,6 +325,11 @@ def energy_verdict(energy: float) -> str:
     if energy >= 0.999:
         return "numerically_low_rank"
     return "approximately_low_rank" if energy >= 0.9 else "not_low_rank"
+
+
+def fidelity_facts(v: dict) -> dict:
+    """Validate's verdict (does A + adapter reproduce B, by gap_closed) and the sentence that explains it."""
+    return {"verdict": v["verdict"], "target": v["gap_closed_target"], "summary": v["verdict_summary"]}
 
 
 def kl_verdict(v: dict) -> str:
@@ -379,7 +400,7 @@ def paper_facts(run: dict, figures_dir: Path, out_dir: Path) -> dict:
         "params": params,
         "extract": metrics,
         "validate": v,
-        "gguf": run["gguf"],
+        "gguf": gguf_facts(run["gguf"]),
         "model_a": model_line(run["manifest"]["model_a"]),
         "model_b": model_line(run["manifest"]["model_b"]),
         "hardware": hardware_line(),
@@ -394,8 +415,10 @@ def paper_facts(run: dict, figures_dir: Path, out_dir: Path) -> dict:
         "largest": largest_delta(reports),
         "smallest": smallest_nonzero_delta(reports),
         "extras": extras_facts(reports, metrics),
+        "left_out": left_out_facts(metrics),
         "experts": experts_facts(reports),
         "divergence": divergence_facts(run.get("layers") or []),
+        "fidelity": fidelity_facts(v),
         "energy_verdict": energy_verdict(metrics["energy"]),
         "kl_verdict": kl_verdict(v),
         "kl_factor": kl_factor(v),
