@@ -25,16 +25,31 @@ def validated(manifest: dict, adapter_dir: Path, settings) -> dict:
     return validate(build_index(manifest), adapter_dir, settings)[0]
 
 
-def full_model_log_probs(model_dir: Path, tokens, adapter_dir: Path | None = None):
-    """fp64 next-token log-probabilities of the whole model loaded in memory in fp32 (with the adapter through
-    PEFT's own loader): the reference the layer-streamed validation must equal."""
-    import torch
+def peft_loaded(model, adapter_dir: Path, ignore: str | None = None):
+    """`model` with the adapter through PEFT's own loader, failing on any warning PEFT gives about the adapter
+    ("Found missing adapter keys", a tied layer not tied...) but the one `ignore` names."""
+    import warnings
+
     from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # peft 0.21 itself reads transformers 5's deprecated property (pyproject's filterwarnings says so too)
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        if ignore:
+            warnings.filterwarnings("ignore", message=ignore)
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+
+
+def full_model_log_probs(model_dir: Path, tokens, adapter_dir: Path | None = None, ignore: str | None = None):
+    """fp64 next-token log-probabilities of the whole model loaded in memory in fp32 (with the adapter through
+    PEFT's own loader, which must not warn): the reference the layer-streamed validation must equal."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        model = peft_loaded(model, adapter_dir, ignore)
     with torch.no_grad():
         return torch.log_softmax(model(input_ids=tokens).logits.double(), dim=-1)
 

@@ -72,9 +72,14 @@ def test_a_wrong_value_fails_at_start_naming_the_key_and_the_choices(override, m
         run_config([override], params=REPO / "params.yaml")
 
 
-def test_lora_bias_with_lora_embeddings_is_refused_by_the_settings():
-    with pytest.raises(WeightdiffError, match="lora_bias.*does not support Embedding"):
-        updated(typed(ExtractSettings, {}), extras={"biases": "lora", "embeddings": "lora"})
+def test_the_defaults_leave_nothing_out_and_serving_is_a_choice():
+    """Every extra in its most faithful form by default (biases and embedding LoRA together: extraction decides
+    what PEFT can take, tests/test_extras.py); the serving profile is one key away."""
+    extract = typed(ExtractSettings, {})
+    assert plain(extract.extras) == {"norms": "save", "biases": "lora", "embeddings": "lora", "lm_head": "lora"}
+    assert extract.profile == "faithful" and updated(extract, profile="serving").profile == "serving"
+    with pytest.raises(WeightdiffError, match=r"extract\.profile: Invalid value 'vllm'"):
+        run_config(["extract.profile=vllm"], params=REPO / "params.yaml")
 
 
 def test_the_resume_store_survives_dvc_rerunning_the_stage():

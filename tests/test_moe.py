@@ -30,8 +30,8 @@ from weightdiff.index import build_index
 from weightdiff.layout import ModelModules
 from weightdiff.lowrank import truncated_svd
 from weightdiff.peft_format import parameter_key, peft_keys
-from weightdiff.plan import Unit, plan_units
-from weightdiff.settings import ExtractSettings, updated
+from weightdiff.plan import INSIDE_MODULE, NO_FORM, Unit, plan_units
+from weightdiff.settings import ExtractSettings, ExtrasSettings, updated
 from weightdiff.stream import Delta
 
 # 3 Gated DeltaNet layers, then full attention (q_proj 2×4×16 rows: query and output gate); 4 experts of 48.
@@ -191,7 +191,8 @@ def test_a_zero_delta_module_stays_unwrapped_on_qwen3_moe(qwen3_moe_pair, tmp_pa
         rank=8,
     )
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert metrics["tensors_zero"] == 1 and "model.layers.0.self_attn.v_proj" in config["target_modules"]
+    assert metrics["tensors_zero"] == 3  # v_proj, and the untouched embedding and LM head (LoRA targets by default)
+    assert "model.layers.0.self_attn.v_proj" in config["target_modules"]
     assert validated(manifest, tmp_path / "adapter", cfg.validate)["kl_adapted"] <= 1e-4  # raises on a missing key
 
 
@@ -301,16 +302,34 @@ def test_batched_svd_of_all_experts_matches_each_expert_alone():
         )
 
 
-def planned(pair: tuple[Path, Path], target_modules) -> tuple[set[str], set[str]]:
-    """(types of the lora units, in-memory paths of the lora_experts units, without layer) the targets select."""
+def planned(pair: tuple[Path, Path], target_modules, **settings) -> tuple[set[str], set[str]]:
+    """(types of the lora units, in-memory paths of the lora_experts units, without layer) the targets select; the LM
+    head, which extras.lm_head=lora adds whatever the targets, left out unless `settings` say otherwise."""
     entry = index_of(pair)
-    plan = plan_units(
-        entry["tensors"], ExtractSettings(target_modules=target_modules), ModelModules.from_json(entry["modules"])
-    )
+    extract = ExtractSettings(target_modules=target_modules, **({"extras": ExtrasSettings(lm_head="skip")} | settings))
+    plan = plan_units(entry["tensors"], extract, ModelModules.from_json(entry["modules"]))
     return (
         {u.module.rpartition(".")[2] for u in plan if u.action == "lora"},
         {u.module.split(".", 3)[3] for u in plan if u.action == "lora_experts"},
     )
+
+
+def test_every_tensor_is_planned_with_what_becomes_of_it(qwen3_5_moe_pair):
+    """The defaults on a hybrid MoE: norms saved if changed, the embedding and the LM head decomposed, and what has
+    no PEFT form measured and left out with the reason (Gated DeltaNet's A_log beside its submodules, its
+    convolution, the router)."""
+    entry = index_of(qwen3_5_moe_pair)
+    plan = plan_units(entry["tensors"], ExtractSettings(), ModelModules.from_json(entry["modules"]))
+    assert sorted(n for u in plan for n in u.tensors) == sorted(entry["tensors"])  # each tensor exactly once
+    by_tensor = {n.removeprefix("model.language_model."): u for u in plan for n in u.tensors}
+    assert by_tensor["layers.0.linear_attn.A_log"].reason == INSIDE_MODULE
+    assert by_tensor["layers.0.linear_attn.conv1d.weight"].reason == NO_FORM
+    assert by_tensor["layers.0.mlp.gate.weight"].reason == NO_FORM
+    assert by_tensor["layers.0.linear_attn.norm.weight"].action == "save"
+    assert by_tensor["layers.3.self_attn.q_norm.weight"].action == "save"
+    assert by_tensor["embed_tokens.weight"].action == "lora_embedding" and by_tensor["lm_head.weight"].action == "lora"
+    serving = planned(qwen3_5_moe_pair, "auto", profile="serving", extras=ExtrasSettings())  # lm_head=lora, yet
+    assert serving == planned(qwen3_5_moe_pair, "auto") and "lm_head" not in serving[0]
 
 
 def test_target_selection_by_name_and_preset(qwen3_5_moe_pair, qwen3_moe_pair):

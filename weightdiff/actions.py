@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from weightdiff.decompose import LowRank, Method
-from weightdiff.layout import fuse_experts, module_type
+from weightdiff.layout import fuse_experts, module_type, parameter_name
 from weightdiff.lowrank import frobenius_norms
 from weightdiff.peft_format import embedding_keys, lora_bias_key, lora_keys, parameter_key, saved_key
 from weightdiff.plan import Unit
@@ -64,12 +64,14 @@ def measured(delta: Delta) -> torch.Tensor:
 
 
 def lora(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str, dict]) -> Result:
-    """LoRA factors with scaling·B·A = the kept part of the SVD of ΔW (and lora_B.bias = Δb / scaling)."""
+    """LoRA factors with scaling·B·A = the kept part of the SVD of ΔW, and lora_B.bias = Δb / scaling when the unit
+    carries the bias (whether PEFT's lora_bias can take it is decided for the whole adapter, in extract)."""
     weight, bias = ds[0], (ds[1] if len(ds) > 1 else None)
     entry = tensors[weight.name]
     r = tensor_report(unit, weight, entry)
     if weight.norm == 0.0 and (bias is None or not bias.value.any()):
-        return [zero(r)], {}
+        unchanged = [] if bias is None else [tensor_report(unit, bias, tensors[bias.name]) | {"status": "zero"}]
+        return [zero(r), *unchanged], {}
     shape = (weight.value.shape[0], weight.value.shape[1])
     floor = None
     if method.policy == "noise_floor":  # the stream measured the weights' RMS for this policy
@@ -79,24 +81,32 @@ def lora(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str, dict]) 
     key_a, key_b = lora_keys(unit.module)
     factors = {key_a: low.A[0], key_b: low.B[0]}
     reports = [extracted(r, low, floor)]
-    if method.lora_bias:
-        db = bias.value if bias is not None else torch.zeros(shape[0])
-        factors[lora_bias_key(unit.module)] = (db / low.scaling).to(method.dtype)
     if bias is not None:
+        factors[lora_bias_key(unit.module)] = (bias.value / low.scaling).to(method.dtype)
         reports.append(tensor_report(unit, bias, tensors[bias.name]) | {"status": "extracted"})
     return reports, factors
 
 
 def lora_embedding(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str, dict]) -> Result:
     """PEFT's Embedding LoRA adds scaling·(B·A)ᵀ to the [vocab, dim] table: A = √Σ·Uᵀ [r, vocab], B = V·√Σ [dim, r],
-    at the configured rank whatever the policy."""
+    at the configured rank whatever the policy.
+
+    A tied LM head (unit.tied) computes logits with the same table, so it changes by the same ΔE: PEFT's
+    ensure_weight_tying gives it a Linear LoRA whose lora_A is the embedding's Bᵀ and lora_B its Aᵀ
+    (peft.tuners.lora.model, `tied_adapter`), and expects those keys in the file.
+    """
     (d,) = ds
     r = tensor_report(unit, d, tensors[d.name])
     if d.norm == 0.0:
         return [zero(r)], {}
     low = method.decompose(d.value, measured(d), d.name, fixed=True, transposed=True)
+    A, B = low.A[0], low.B[0]
     key_a, key_b = embedding_keys(unit.module)
-    return [extracted(r, low, None)], {key_a: low.A[0], key_b: low.B[0]}
+    factors = {key_a: A, key_b: B}
+    if unit.tied:
+        head_a, head_b = lora_keys(unit.tied)
+        factors |= {head_a: B.T.contiguous(), head_b: A.T.contiguous()}
+    return [extracted(r, low, None)], factors
 
 
 def stacked_delta(unit: Unit, ds: list[Delta], tensors: dict[str, dict]) -> torch.Tensor:
@@ -168,13 +178,23 @@ def lora_experts(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str,
 
 
 def save(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str, dict]) -> Result:
-    """modules_to_save: B's own weights, stored under the module path, replace A's module entirely."""
+    """modules_to_save: B's own weights, stored under the in-memory parameter paths, replace A's module entirely.
+
+    A module whose delta is zero is not saved (nothing to carry). A tied embedding is saved under the LM head's
+    path too: PEFT's ensure_weight_tying saves and expects both.
+    """
+    if all(d.norm == 0.0 for d in ds):
+        return [tensor_report(unit, d, tensors[d.name]) | {"status": "zero"} for d in ds], {}
     weights = {d.name: d.b for d in ds if d.b is not None}  # the stream keeps W_B for every save unit
     reports: list[TensorReport] = [
         tensor_report(unit, d, tensors[d.name]) | {"bytes": weights[d.name].numel() * weights[d.name].element_size()}
         for d in ds
     ]
-    return reports, {saved_key(name): b.contiguous() for name, b in weights.items()}
+    saved = {saved_key(parameter_name(name, tensors[name])): b.contiguous() for name, b in weights.items()}
+    if unit.tied:
+        (table,) = weights.values()
+        saved[saved_key(f"{unit.tied}.weight")] = table.clone()
+    return reports, saved
 
 
 def skip(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str, dict]) -> Result:

@@ -8,6 +8,7 @@ PEFT's one r per parameter needs.
 
 from __future__ import annotations
 
+import logging
 import zlib
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from weightdiff.lowrank import Truncated, lora_factors, residual_norms, truncate
 from weightdiff.rank import auto_rank, chosen_rank, sketch_rank
 from weightdiff.settings import ExtractSettings, SvdSettings
 
+log = logging.getLogger(__name__)
 FACTOR_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -66,7 +68,6 @@ class Method:
     dtype: torch.dtype
     device: torch.device
     svd: SvdSettings
-    lora_bias: bool  # every LoRA module also carries lora_B.bias (PEFT's lora_bias), which holds Δb / scaling
 
     @classmethod
     def resolve(cls, settings: ExtractSettings, parameters: int) -> Method:
@@ -76,6 +77,16 @@ class Method:
             "cuda" if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()) else "cpu"
         )
         rank = auto_rank(parameters) if settings.rank == "auto" else int(settings.rank)
+        if settings.profile == "serving" and rank > settings.max_rank:
+            log.warning(
+                "extract.rank %s (%d) is above extract.max_rank %d: capped to %d for the serving profile "
+                "(LoRA servers cap ranks; vLLM's max_lora_rank)",
+                settings.rank,
+                rank,
+                settings.max_rank,
+                settings.max_rank,
+            )
+            rank = settings.max_rank
         return cls(
             rank=rank,
             policy=str(settings.rank_policy),
@@ -85,7 +96,6 @@ class Method:
             dtype=FACTOR_DTYPES[settings.dtype],
             device=torch.device(device),
             svd=settings.svd,
-            lora_bias=settings.extras.biases == "lora",
         )
 
     def scaling(self, rank: int) -> float:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from weightdiff.actions import ACTIONS, Result
 from weightdiff.decompose import Method
 from weightdiff.layout import ModelModules
-from weightdiff.metrics import diagnosis, energy_curves, summary
+from weightdiff.metrics import diagnosis, energy_curves, left_out, log_left_out, summary
 from weightdiff.peft_format import Targets, adapter_config, is_target, peft_keys, target_fields, write_adapter
 from weightdiff.plan import Unit, plan_units
 from weightdiff.records import TensorReport
@@ -80,18 +80,26 @@ def extract(
             store.save(unit.id, *result)
             results[i] = result
     reports = [r for i in range(len(plan)) for r in results[i][0]]
-    factors = peft_keys({k: v for i in range(len(plan)) for k, v in results[i][1].items()}, modules.experts)
+    raw_factors = {k: v for i in range(len(plan)) for k, v in results[i][1].items()}
+    lora_bias, reasons = settle_biases(reports, raw_factors)
+    factors = peft_keys(raw_factors, modules.experts)
     targets = targets_of(plan, reports, settings, tensors)
     # PEFT's r: the configured rank, or under an adaptive policy the largest (the others go in rank_pattern)
     rank = method.rank if method.policy == "fixed" or not targets.ranks else max(targets.ranks.values())
-    metrics = summary(reports, method, rank) | {"diagnosis": diagnosis(reports, method, readers)}
+    reasons |= {name: u.reason for u in plan if u.reason for name in u.tensors}
+    metrics = summary(reports, method, rank) | {
+        "diagnosis": diagnosis(reports, method, readers),
+        "left_out": left_out(reports, reasons),
+    }
+    in_adapter = [u for i, u in enumerate(plan) if results[i][1]]
     config = adapter_config(
         base_model=base_model_name(manifest["model_a"]),
         rank=rank,
         alpha=method.alpha,
         targets=targets,
-        saved=sorted({u.module for u in plan if u.action == "save"}),
-        lora_bias=method.lora_bias,
+        saved=sorted({u.module for u in in_adapter if u.action == "save"}),
+        lora_bias=lora_bias,
+        tied=any(u.tied for u in in_adapter),
     )
     write_adapter(adapter_dir, factors, config)
     store.remove()
@@ -104,24 +112,71 @@ def extract(
         "compression_ratio": model_bytes / adapter_bytes,
         "seconds": round(time.perf_counter() - start, 3),
     }
+    log_left_out(metrics["left_out"], sum(r["delta_norm"] == 0 for r in reports))
     return metrics, reports, energy_curves(reports, metrics["rank_max"])
 
 
 def log_plan(plan: list[Unit], settings: ExtractSettings, method: Method) -> None:
     targets = settings.target_modules
     log.info(
-        "extracting %d linear modules and %d expert parameters (%s) at rank %d (%s policy%s), alpha %s, "
-        "factors in %s, on %s",
+        "extracting %d linear modules, %d embeddings and %d expert parameters (%s; %s profile) at rank %d (%s "
+        "policy%s), alpha %s, factors in %s, on %s; %d modules saved whole if changed, %d measured and left out",
         sum(u.action == "lora" for u in plan),
+        sum(u.action == "lora_embedding" for u in plan),
         sum(u.action == "lora_experts" for u in plan),
         targets if isinstance(targets, str) else ",".join(targets),
+        settings.profile,
         method.rank if method.policy == "fixed" else method.max_rank,
         method.policy,
         "" if method.policy == "fixed" else f", capped at {method.max_rank}",
         "= rank" if method.alpha is None else f"{method.alpha:g}",
         settings.dtype,
         method.device,
+        sum(u.action == "save" for u in plan),
+        sum(u.action == "skip" for u in plan),
     )
+
+
+def lora_bias_obstacle(reports: list[TensorReport]) -> str | None:
+    """Why PEFT's lora_bias, one flag for the whole adapter, cannot carry this adapter's bias deltas (None: it can).
+
+    PEFT refuses lora_bias on Embedding layers and on expert parameters (ParamWrapper), and on a target without a
+    bias of its own it warns, and merge_and_unload raises.
+    """
+    with_factors = [r for r in reports if r.get("status") == "extracted" and "rank" in r]
+    if any(r["action"] == "lora_embedding" for r in with_factors):
+        return "PEFT's lora_bias is not supported with an embedding LoRA, which is kept"
+    if any(r["action"] == "lora_experts" for r in with_factors):
+        return "PEFT's lora_bias is not supported with expert LoRAs (target_parameters), which are kept"
+    biased = {r["module"] for r in reports if r["action"] == "lora" and r["name"].endswith(".bias")}
+    bare = sorted({r["module_type"] for r in with_factors if r["module"] not in biased})
+    if bare:
+        return f"PEFT's lora_bias on targets without a bias ({', '.join(bare)}) warns and breaks merge_and_unload"
+    return None
+
+
+def settle_biases(reports: list[TensorReport], factors: dict[str, torch.Tensor]) -> tuple[bool, dict[str, str]]:
+    """Whether the adapter sets lora_bias; reports and factors are updated in place, and the biases that do not
+    go in are returned with the reason (tensor name → why).
+
+    Extraction carries each target's bias with its weight; here, with the whole adapter known, they stay only if
+    some bias delta is not zero and PEFT can apply lora_bias to every layer of this adapter. Otherwise their
+    lora_B.bias entries go, and their reports say so: unchanged (status zero) or left out (action skip).
+    """
+    carried = [r for r in reports if r["action"] == "lora" and r["name"].endswith(".bias")]
+    changed = any(r["delta_norm"] > 0 for r in carried)
+    obstacle = lora_bias_obstacle(reports) if changed else None
+    if changed and obstacle is None:
+        return True, {}
+    for key in [k for k in factors if k.endswith(".lora_B.bias")]:
+        del factors[key]
+    for r in carried:
+        if obstacle is None:
+            r["status"] = "zero"
+        else:
+            r["action"] = "skip"
+            del r["status"]
+    return False, {r["name"]: obstacle for r in carried} if obstacle else {}
 
 
 class ExactChecks:
@@ -154,7 +209,10 @@ def targets_of(
     parameters = {r["name"]: r["rank"] for r in reports if r["action"] == "lora_experts" and r["status"] == "extracted"}
     names = [] if isinstance(settings.target_modules, str) else list(settings.target_modules)
     names += sorted({m.rpartition(".")[2] for m in candidates if not is_target(m, names)})
-    return target_fields(modules, parameters, names, tensors)
+    tied = next(
+        ((u.module, u.tied) for u in plan if u.action == "lora_embedding" and u.tied and u.module in modules), None
+    )
+    return target_fields(modules, parameters, names, tensors, tied)
 
 
 def base_model_name(entry: dict) -> str:

@@ -52,6 +52,9 @@ class ModelModules:
     embedding: frozenset[str]
     output: str | None  # the LM head's path
     experts: tuple[str, ...] = ()  # fused expert parameters [E, out, in], in registration order
+    # The input embedding whose weight the LM head shares (tie_word_embeddings, also by the config class's default):
+    # one table, usually one tensor on disk, whose change changes both the input lookup and the output logits.
+    tied: str | None = None
     rename: Callable[[str], tuple[str, int | None]] | None = None  # see checkpoint_renaming; not kept in the index
 
     def to_json(self) -> dict:
@@ -60,11 +63,18 @@ class ModelModules:
             "embedding": sorted(self.embedding),
             "output": self.output,
             "experts": list(self.experts),
+            "tied": self.tied,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> ModelModules:
-        return cls(frozenset(data["linear"]), frozenset(data["embedding"]), data["output"], tuple(data["experts"]))
+        return cls(
+            frozenset(data["linear"]),
+            frozenset(data["embedding"]),
+            data["output"],
+            tuple(data["experts"]),
+            data["tied"],
+        )
 
     @classmethod
     def from_shapes(cls, tensors: dict[str, dict]) -> ModelModules:
@@ -96,8 +106,15 @@ def model_modules(config: dict, tensors: dict[str, dict]) -> ModelModules:
         frozenset(n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)),
         names.get(output) if output is not None else None,
         expert_parameters(model),
-        checkpoint_renaming(model),
+        tied=tied_embedding(model, names),
+        rename=checkpoint_renaming(model),
     )
+
+
+def tied_embedding(model: PreTrainedModel, names: dict[torch.nn.Module, str]) -> str | None:
+    """The input embedding's path when the LM head holds the very same weight (transformers tied them), else None."""
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return names[embedding] if output is not None and output.weight is embedding.weight else None
 
 
 def expert_parameters(model: torch.nn.Module) -> tuple[str, ...]:

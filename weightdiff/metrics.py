@@ -1,5 +1,9 @@
-"""What the per-tensor reports add up to: the run's summary metrics, the diagnosis of a delta that is not
-low-rank, and the energy-vs-rank curves, computed once here for the metrics, the figures and the paper.
+"""What the per-tensor reports add up to: the run's summary metrics, what the adapter leaves out, the tensors that
+keep least energy when the rank keeps less than the target, and the energy-vs-rank curves, computed once here for
+the metrics, the figures and the paper.
+
+Energy explains; it does not judge. Extraction runs before validation, so nothing here says whether A + adapter
+reproduces B: validate's gap_closed does.
 
 "Decomposed" means every report with a spectrum (the lora actions), embeddings included: one definition of
 the energy an adapter keeps, wherever it is quoted.
@@ -9,6 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import defaultdict
+
+from typing_extensions import TypedDict
 
 from weightdiff.decompose import Method, tensor_seed
 from weightdiff.errors import WeightdiffError
@@ -42,20 +49,25 @@ def summary(reports: list[TensorReport], method: Method, adapter_rank: int) -> d
     targets = [r for r in reports if r["action"] in LORA_ACTIONS and "rank" in r]
     chosen = [r for r in targets if r["status"] == "extracted"]
     if not chosen:
+        changed = [r for r in reports if r["action"] not in LORA_ACTIONS and r["delta_norm"] > 0]
+        elsewhere = (
+            f"; {len(changed)} other tensors differ: {', '.join(sorted({r['module_type'] for r in changed}))} "
+            "(see extract.target_modules and extract.extras)"
+            if changed
+            else ""
+        )
         raise WeightdiffError(
-            f"A and B are identical on all {len(targets)} target tensors: there is nothing to extract"
+            f"A and B are identical on all {len(targets)} LoRA targets: nothing to decompose{elsewhere}"
         )
     zero = [r["name"] for r in targets if r["status"] == "zero"]
     if zero:
-        log.warning(
-            "%d tensors have an all-zero delta and are left out of the adapter: %s", len(zero), ", ".join(zero[:5])
-        )
+        log.info("%d tensors are unchanged (all-zero delta) and need no factors: %s", len(zero), ", ".join(zero[:5]))
     clamped = [r for r in chosen if method.policy == "fixed" and r["rank"] < method.rank]
     for r in clamped:
         log.warning("%s %s is smaller than rank %d: clamped to rank %d", r["name"], r["shape"], method.rank, r["rank"])
     checked = [r for r in chosen if "energy_exact" in r]
     skipped = [r for r in reports if r["action"] == "skip"]
-    saved = [r for r in reports if r["action"] == "save"]
+    saved = [r for r in reports if r["action"] == "save" and "bytes" in r]
     ranks = [r["rank"] for r in chosen]
     return {
         "rank": adapter_rank,
@@ -81,8 +93,56 @@ def summary(reports: list[TensorReport], method: Method, adapter_rank: int) -> d
             "saved_bytes": sum(r["bytes"] for r in saved),
             "skipped": len(skipped),
             "skipped_delta_norm": math.sqrt(sum(r["delta_norm"] ** 2 for r in skipped)),
+            "skipped_unchanged": sum(r["delta_norm"] == 0 for r in skipped),
         },
+        "delta_norm_model": math.sqrt(sum(r["delta_norm"] ** 2 for r in reports)),
     }
+
+
+class LeftOut(TypedDict):
+    """One group of what the adapter leaves out: metrics/extract.json's `left_out`, which the paper reads."""
+
+    module_type: str  # q_proj, input_layernorm, q_proj.bias...
+    tensors: int
+    share: float  # of the whole model's ‖ΔW‖² (Σ over every tensor of B − A)
+    reason: str
+
+
+def left_out(reports: list[TensorReport], reasons: dict[str, str]) -> list[LeftOut]:
+    """What the adapter leaves out, by module type and reason, each group with its share of the whole model's
+    ‖ΔW‖², largest first: every skipped tensor whose delta is not zero (an unchanged one loses nothing).
+
+    reasons: tensor name → why it is left out. A bias is its own type (`q_proj.bias`), apart from its weight.
+    """
+    total = sum(r["delta_norm"] ** 2 for r in reports)
+    groups: dict[tuple[str, str], list[TensorReport]] = defaultdict(list)
+    for r in reports:
+        if r["action"] == "skip" and r["delta_norm"] > 0:
+            kind = r["module_type"] + (".bias" if r["name"].endswith(".bias") else "")
+            groups[kind, reasons[r["name"]]].append(r)
+    rows = [
+        LeftOut(module_type=kind, tensors=len(rs), share=sum(r["delta_norm"] ** 2 for r in rs) / total, reason=why)
+        for (kind, why), rs in groups.items()
+    ]
+    return sorted(rows, key=lambda row: -row["share"])
+
+
+def log_left_out(rows: list[LeftOut], unchanged: int) -> None:
+    """The last word of the extract log: what the adapter leaves out of B, with its share, or that it leaves
+    nothing out."""
+    if not rows:
+        log.info("left out of the adapter: nothing (%d unchanged tensors need nothing)", unchanged)
+        return
+    log.warning(
+        "left out of the adapter: %.3g%% of the model's ‖ΔW‖², in %d tensors (%d unchanged tensors need nothing)\n%s",
+        100 * sum(row["share"] for row in rows),
+        sum(row["tensors"] for row in rows),
+        unchanged,
+        "\n".join(
+            f"  {row['module_type']}: {row['tensors']} tensors, {100 * row['share']:.3g}% of ‖ΔW‖²: {row['reason']}"
+            for row in rows
+        ),
+    )
 
 
 def rank_needed(delta: Delta, target: float, method: Method) -> int | None:
@@ -103,10 +163,16 @@ def rank_needed(delta: Delta, target: float, method: Method) -> int | None:
     return None if r == cap and cap < min(dw.shape) and t.S.square().sum() < target * norm_sq else r
 
 
+def ranks_of(method: Method) -> str:
+    return f"rank {method.rank}" if method.policy == "fixed" else f"{method.policy} ranks (at most {method.max_rank})"
+
+
 def diagnosis(
     reports: list[TensorReport], method: Method, readers: tuple[TensorReader, TensorReader], worst: int = 3
 ) -> dict:
-    """Whether ΔW looks low-rank at this rank; if not, the worst tensors and the rank the energy target needs."""
+    """The energy the ranks keep against extract.energy; below it, the tensors that keep least and the rank the
+    target would need: what explains a gap that validate may find, not a verdict (a full fine-tune can keep 37%
+    of ‖ΔW‖² and still close 99% of the KL gap)."""
     target = method.energy
     chosen = [r for r in decomposed(reports) if r["status"] == "extracted"]
     energy = energy_kept(chosen)
@@ -126,13 +192,14 @@ def diagnosis(
     for reader in readers:
         reader.unmap()
     shown = "; ".join(
-        f"{w['name']}: energy {w['energy']:.3f} at rank {w['rank']}, needs {w['rank_needed'] or '>1024'} for {target:g}"
+        f"{w['name']}: {w['energy']:.1%} at rank {w['rank']}, {target:g} would take rank {w['rank_needed'] or '>1024'}"
         for w in rows
     )
     log.warning(
-        "ΔW is not low-rank at this rank (energy kept %.3f < %g): a full fine-tune rather than a merged "
-        "LoRA? Worst tensors: %s",
-        energy,
+        "%s keeps %.3g%% of ‖ΔW‖² (below extract.energy %g); validate's gap_closed tells whether A + adapter still "
+        "reproduces B. Tensors that keep least: %s",
+        ranks_of(method),
+        100 * energy,
         target,
         shown,
     )

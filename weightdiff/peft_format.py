@@ -47,7 +47,12 @@ def pattern_value(patterns: dict[str, float], module: str, default: float) -> fl
 #   on those models gate/gate_proj/up_proj/down_proj/w1-3  | linear layers of those names by weight path in
 #     in target_modules are moved to target_parameters     |   target_parameters (PEFT adapts them the same way)
 #   target_parameters entries match by the suffix rule     | per-layer names when exact, else full paths
+#   a tied embedding (tie_word_embeddings) in the adapter  | ensure_weight_tying: PEFT then gives the LM head a
+#     warns unless ensure_weight_tying, which ties only    |   LoRA (or a saved copy) tied to the embedding's; the
+#     embeddings named embed_tokens, found in a regex      |   head's rank in rank_pattern, its keys in the file;
+#     target_modules by its bare name                      |   in a regex, the embedding also by its bare name
 PEFT_REMAPPED = frozenset({"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
+TIEABLE_EMBEDDINGS = frozenset({"embed_tokens"})  # peft.utils.constants.EMBEDDING_LAYER_NAMES less lm_head
 
 
 def lora_keys(module: str) -> tuple[str, str]:
@@ -65,9 +70,9 @@ def embedding_keys(module: str) -> tuple[str, str]:
     return f"{PREFIX}{module}.lora_embedding_A", f"{PREFIX}{module}.lora_embedding_B"
 
 
-def saved_key(tensor: str) -> str:
-    """A modules_to_save tensor (B's own weight) under its checkpoint path."""
-    return f"{PREFIX}{tensor}"
+def saved_key(parameter: str) -> str:
+    """A modules_to_save tensor (B's own weight) under its in-memory parameter path."""
+    return f"{PREFIX}{parameter}"
 
 
 def parameter_key(param: str, part: str) -> str:
@@ -96,12 +101,21 @@ def peft_keys(factors: dict[str, torch.Tensor], order: tuple[str, ...]) -> dict[
     return {renamed.get(k, k): v for k, v in factors.items()}
 
 
-def target_modules_field(extracted: list[str], names: list[str], modules: list[str]) -> list[str] | str:
-    """The names that match exactly the modules with factors, else a regex of those modules' paths."""
+def target_modules_field(
+    extracted: list[str], names: list[str], modules: list[str], tied: str | None = None
+) -> list[str] | str:
+    """The names that match exactly the modules with factors, else a regex of those modules' paths (`tied`, a tied
+    embedding's path, also matching its bare name, which is where PEFT looks for it in a regex)."""
     used = sorted({t for t in names if any(is_target(m, [t]) for m in extracted)})
     if {m for m in modules if is_target(m, used)} == set(extracted):
         return used
-    return "(" + "|".join(re.escape(m) for m in sorted(extracted)) + ")"
+    return "(" + "|".join(regex_term(m, bare=m == tied) for m in sorted(extracted)) + ")"
+
+
+def regex_term(path: str, bare: bool) -> str:
+    """A module path as an alternative of a target_modules regex; bare: its last name alone matches too."""
+    parent, _, name = path.rpartition(".")
+    return f"(?:{re.escape(parent)}\\.)?{re.escape(name)}" if bare and parent else re.escape(path)
 
 
 def target_parameters_field(adapted: list[str], params: list[str]) -> list[str]:
@@ -122,31 +136,46 @@ class Targets:
 
 
 def target_fields(
-    modules: dict[str, int], parameters: dict[str, int], names: list[str], tensors: dict[str, dict]
+    modules: dict[str, int],
+    parameters: dict[str, int],
+    names: list[str],
+    tensors: dict[str, dict],
+    tied: tuple[str, str] | None = None,
 ) -> Targets:
     """The target fields for modules and fused parameters with factors (path → rank), by the table above.
 
     names: the target names to write when they are exact (the configured ones, then leaf names of the rest).
+    tied: (embedding, LM head) when a tied embedding has factors: the head gets the embedding's rank.
     """
     fused_experts = any("param" in t for t in tensors.values())
     as_parameters = [m for m in modules if fused_experts and m.rpartition(".")[2] in PEFT_REMAPPED]
     listed = [m for m in modules if m not in as_parameters]
     parameters = {f"{m}.weight": modules[m] for m in as_parameters} | parameters
-    field = target_modules_field(listed, names, sorted({t["module"] for t in tensors.values()}))
+    embedding, head = tied or (None, None)
+    field = target_modules_field(listed, names, sorted({t["module"] for t in tensors.values()}), embedding)
     if isinstance(field, str) and fused_experts:
         field = sorted(listed)
     all_parameters = sorted({parameter_name(n, t) for n, t in tensors.items()})
+    head_rank = {head: modules[embedding]} if embedding and head else {}
     return Targets(
         field,
         target_parameters_field(list(parameters), all_parameters) if parameters else [],
-        {m: modules[m] for m in listed} | parameters,
+        {m: modules[m] for m in listed} | head_rank | parameters,
     )
 
 
 def adapter_config(
-    *, base_model: str, rank: int, alpha: float | None, targets: Targets, saved: list[str], lora_bias: bool
+    *,
+    base_model: str,
+    rank: int,
+    alpha: float | None,
+    targets: Targets,
+    saved: list[str],
+    lora_bias: bool,
+    tied: bool,
 ) -> dict:
-    """alpha None: each module's alpha equals its rank (scaling 1), written as alpha_pattern where r differs."""
+    """alpha None: each module's alpha equals its rank (scaling 1), written as alpha_pattern where r differs.
+    tied: a tied embedding is in the adapter (factors or saved), which PEFT ties to the LM head."""
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -168,6 +197,8 @@ def adapter_config(
         config["modules_to_save"] = saved
     if lora_bias:
         config["lora_bias"] = True
+    if tied:
+        config["ensure_weight_tying"] = True
     return config
 
 

@@ -7,7 +7,11 @@ word the config, the plan and the reports share:
   lora_experts    the experts of one MoE layer and projection (one fused parameter in memory, whatever their
                   form on disk) → one `target_parameters` entry
   save            a module kept whole (a norm, or an embedding/LM head by choice) → modules_to_save
-  skip            left out, but measured: the reports say how big a delta the adapter leaves out
+  skip            left out, but measured, with the reason: the reports say how big a delta the adapter leaves out
+
+Every tensor of the checkpoint is in one unit, so that what the adapter leaves out is measured against the whole
+model's ‖ΔW‖². A tied LM head has no unit of its own: it is the embedding's table, and the embedding's unit writes
+the head's entries too (`tied`).
 
 Targets are named as transformers 5 holds the model in memory, which is what PEFT matches and keys: experts
 fused into `mlp.experts.gate_up_proj` / `down_proj`, and without a checkpoint's `model.language_model.` prefix.
@@ -20,9 +24,21 @@ from dataclasses import dataclass
 
 from weightdiff.errors import WeightdiffError
 from weightdiff.layout import ModelModules
-from weightdiff.peft_format import is_target
+from weightdiff.peft_format import TIEABLE_EMBEDDINGS, is_target
 from weightdiff.records import Action
 from weightdiff.settings import ExtractSettings
+
+# Why the serving profile leaves each kind of extra out: what LoRA servers (vLLM) refuse or no longer apply.
+SERVING_DROPS = {
+    "norms": "extract.profile=serving: LoRA servers (vLLM) refuse modules_to_save",
+    "biases": "extract.profile=serving: LoRA servers do not apply lora_bias",
+    "embeddings": "extract.profile=serving: current vLLM applies no embedding LoRA",
+    "lm_head": "extract.profile=serving: vLLM refuses lm_head weights",
+}
+NOT_TARGETED = "not in extract.target_modules"
+INSIDE_MODULE = "a parameter beside submodules: PEFT saves only whole modules (modules_to_save), submodules included"
+NO_FORM = "not a linear layer, embedding or norm: no form PEFT loads (a router, a convolution...)"
+UNTIEABLE = "tied to the LM head, and PEFT ties an adapter only to an embedding named embed_tokens"
 
 
 @dataclass(frozen=True)
@@ -30,11 +46,14 @@ class Unit:
     action: Action
     module: str  # for lora_experts, the fused parameter (model.layers.0.mlp.experts.gate_up_proj)
     tensors: tuple[str, ...]  # the weight first, then a bias; for experts by expert, then part (gate, up)
+    tied: str | None = None  # a tied embedding's lora_embedding or save: the LM head that shares its table
+    reason: str | None = None  # skip: why the adapter leaves the tensors out
 
     @property
     def id(self) -> str:
-        """What names the unit in the resume store."""
-        return self.module + ":" + ",".join(self.tensors)
+        """What names the unit in the resume store (a tied unit's result holds the head's entries too)."""
+        own = self.module + ":" + ",".join(self.tensors)
+        return f"{own}>{self.tied}" if self.tied else own
 
 
 def selects(path: str, target_modules: list[str]) -> bool:
@@ -47,18 +66,28 @@ def selects(path: str, target_modules: list[str]) -> bool:
     return False
 
 
+def extra_choice(settings: ExtractSettings, kind: str) -> tuple[str, str]:
+    """(what becomes of an extract.extras kind, why it is left out when that is skip): the configured choice, or
+    skip under profile=serving."""
+    if settings.profile == "serving":
+        return "skip", SERVING_DROPS[kind]
+    return str(getattr(settings.extras, kind)), f"extract.extras.{kind}=skip"
+
+
 def expert_units(experts: dict[str, dict], target_modules: str | list[str], order: tuple[str, ...]) -> list[Unit]:
-    """One unit per fused expert parameter that the targets select (auto/all-linear: all of them)."""
+    """One unit per fused expert parameter: decomposed when the targets select it (auto/all-linear: all), else
+    measured and left out."""
     by_param = defaultdict(list)
     for name, entry in experts.items():
         by_param[entry["param"]].append(name)
-    chosen = [p for p in order if p in by_param and (isinstance(target_modules, str) or selects(p, target_modules))]
-    return [
-        Unit(
-            "lora_experts", p, tuple(sorted(by_param[p], key=lambda n: (experts[n]["expert"] or 0, experts[n]["part"])))
-        )
-        for p in chosen
-    ]
+    units = []
+    for p in (p for p in order if p in by_param):
+        names = tuple(sorted(by_param[p], key=lambda n: (experts[n]["expert"] or 0, experts[n]["part"])))
+        if isinstance(target_modules, str) or selects(p, target_modules):
+            units.append(Unit("lora_experts", p, names))
+        else:
+            units.append(Unit("skip", p, names, reason=NOT_TARGETED))
+    return units
 
 
 def linear_targets(
@@ -74,7 +103,7 @@ def linear_targets(
     """
     weights = {t["module"]: t for n, t in tensors.items() if n.endswith(".weight")}
     if isinstance(target_modules, str):
-        return [m for m in weights if m in modules.linear and m != modules.output and not m.endswith(".lm_head")]
+        return [m for m in weights if m in modules.linear and not is_head(m, modules)]
     named = [m for m in weights if is_target(m, target_modules)]
     chosen = [m for m in weights if m in named or (m in modules.linear and selects(m, target_modules))]
     if not chosen and not any(selects(p, target_modules) for p in expert_params):
@@ -96,48 +125,87 @@ def linear_targets(
     return chosen
 
 
-def extra_of(name: str, entry: dict, modules: ModelModules) -> str | None:
-    """Which extract.extras key governs a tensor that no target covers (None: an untargeted linear layer)."""
-    module = entry["module"]
-    if module == modules.output or module.rpartition(".")[2] == "lm_head":
-        return "lm_head"
+def is_head(module: str, modules: ModelModules) -> bool:
+    """The LM head, as transformers names it, or by its usual name where the layout was guessed from shapes."""
+    return module == modules.output or module.rpartition(".")[2] == "lm_head"
+
+
+def lora_targets(
+    tensors: dict[str, dict], settings: ExtractSettings, modules: ModelModules, expert_params: tuple[str, ...]
+) -> set[str]:
+    """The linear layers to decompose: the targets, and an untied LM head under extras.lm_head=lora; never the
+    head under profile=serving, nor a tied head (the embedding's unit carries it)."""
+    targets = set(linear_targets(tensors, settings.target_modules, modules, expert_params))
+    heads = {t["module"] for t in tensors.values() if is_head(t["module"], modules)}
+    if modules.tied or extra_choice(settings, "lm_head")[0] != "lora":
+        return targets - heads
+    return targets | heads
+
+
+def module_units(
+    module: str, names: list[str], tensors: dict[str, dict], settings: ExtractSettings, modules: ModelModules
+) -> list[Unit]:
+    """The units of one module's tensors (weight and bias, or a norm's): what its kind and the extras make of it."""
     if module in modules.embedding:
-        return "embeddings"
-    if len(entry["shape"]) == 1:
-        return "biases" if name.endswith(".bias") else "norms"
-    return None
+        return embedding_units(module, names, settings, modules)
+    if is_head(module, modules):  # not a LoRA target here
+        # a tied head is the embedding's own table (a copy on disk, if any): the embedding's unit covers it
+        return [] if modules.tied else extra_units("lm_head", module, names, settings)
+    if module not in modules.linear and all(len(tensors[n]["shape"]) == 1 for n in names):
+        return extra_units("norms", module, names, settings)
+    return [Unit("skip", module, tuple(names), reason=NOT_TARGETED if module in modules.linear else NO_FORM)]
+
+
+def target_units(module: str, names: list[str], settings: ExtractSettings) -> list[Unit]:
+    """A LoRA target's weight, with its bias under extras.biases=lora (lora_B.bias, if PEFT can take it: see
+    extract), else the bias measured and left out."""
+    (weight,) = (n for n in names if n.endswith(".weight"))
+    bias = tuple(n for n in names if n != weight)  # a Linear holds a weight and at most a bias
+    choice, reason = extra_choice(settings, "biases")
+    if choice == "lora" or not bias:
+        return [Unit("lora", module, (weight, *bias))]
+    return [Unit("lora", module, (weight,)), Unit("skip", module, bias, reason=reason)]
+
+
+def embedding_units(module: str, names: list[str], settings: ExtractSettings, modules: ModelModules) -> list[Unit]:
+    """An embedding table by extras.embeddings; a tied one carries the LM head along (PEFT's ensure_weight_tying),
+    which PEFT can only do for an embedding named embed_tokens: any other tied one is left out whole rather than
+    changed on the input side alone."""
+    head = modules.output if modules.tied == module else None
+    if head is not None and module.rpartition(".")[2] not in TIEABLE_EMBEDDINGS:
+        return [Unit("skip", module, tuple(names), reason=UNTIEABLE)]
+    return extra_units("embeddings", module, names, settings, tied=head)
+
+
+def extra_units(
+    kind: str, module: str, names: list[str], settings: ExtractSettings, tied: str | None = None
+) -> list[Unit]:
+    """A module that is not a LoRA target, by its extract.extras choice: decomposed (an embedding), saved, or
+    measured and left out."""
+    choice, reason = extra_choice(settings, kind)
+    if choice == "lora":
+        return [Unit("lora_embedding", module, tuple(names), tied=tied)]
+    if choice == "save":
+        return [Unit("save", module, tuple(names), tied=tied)]
+    return [Unit("skip", module, tuple(names), reason=reason)]
 
 
 def plan_units(tensors: dict[str, dict], settings: ExtractSettings, modules: ModelModules) -> list[Unit]:
-    """The work, in checkpoint order: targets to decompose, extras to save, decompose or measure; experts last."""
-    extras = settings.extras
-    lora_bias = extras.biases == "lora"
+    """The work, module by module in checkpoint order: targets to decompose, extras to decompose, save or measure,
+    and everything else measured and left out; experts last."""
     experts = {n: t for n, t in tensors.items() if "param" in t}
     tensors = {n: t for n, t in tensors.items() if "param" not in t}
-    targets = set(
-        linear_targets(tensors, settings.target_modules, modules, tuple(t["param"] for t in experts.values()))
-    )
-    if extras.lm_head == "lora":
-        targets |= {
-            t["module"] for n, t in tensors.items() if extra_of(n, t, modules) == "lm_head" and n.endswith(".weight")
-        }
-    plan = []
+    targets = lora_targets(tensors, settings, modules, tuple(t["param"] for t in experts.values()))
+    by_module: dict[str, list[str]] = defaultdict(list)
     for name, entry in tensors.items():
-        module, is_weight = entry["module"], name.endswith(".weight")
-        bias = f"{module}.bias"
-        with_bias = (name, bias) if bias in tensors else (name,)
+        by_module[entry["module"]].append(name)
+    containers = {m.rsplit(".", k)[0] for m in by_module for k in range(1, m.count(".") + 1)}
+    plan = []
+    for module, names in by_module.items():
         if module in targets:
-            if is_weight:
-                plan.append(Unit("lora", module, with_bias if lora_bias else (name,)))
-            elif not lora_bias:
-                plan.append(Unit("skip", module, (name,)))
-            continue
-        extra = extra_of(name, entry, modules)
-        choice = getattr(extras, extra) if extra else None
-        if choice == "lora" and is_weight:
-            plan.append(Unit("lora_embedding", module, (name,)))
-        elif choice == "save" and is_weight:
-            plan.append(Unit("save", module, with_bias))
-        elif choice == "skip":
-            plan.append(Unit("skip", module, (name,)))
+            plan += target_units(module, names, settings)
+        elif module in containers:  # its own parameters (A_log, dt_bias) sit beside submodules with tensors
+            plan.append(Unit("skip", module, tuple(names), reason=INSIDE_MODULE))
+        else:
+            plan += module_units(module, names, tensors, settings, modules)
     return plan + expert_units(experts, settings.target_modules, modules.experts)

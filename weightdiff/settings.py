@@ -199,7 +199,9 @@ class ExtrasSettings:
     adapter in the most faithful form PEFT loads; whatever is still left out is named, with its share of ‖ΔW‖², at
     the end of the extract log and in metrics/extract.json (`left_out`)."""
 
-    norms: NormsChoice = helped(NormsChoice.save, "save whole (modules_to_save, the only way PEFT carries a norm), or skip")
+    norms: NormsChoice = helped(
+        NormsChoice.save, "save whole (modules_to_save, the only way PEFT carries a norm), or skip"
+    )
     biases: BiasesChoice = helped(
         BiasesChoice.lora,
         "biases of target layers: lora (PEFT's lora_bias, where PEFT can apply it to the whole adapter), or skip",
@@ -322,7 +324,7 @@ class Paths:
     energy_curve: str = "metrics/energy_vs_rank.csv"
     validate_metrics: str = "metrics/validate.json"
     layer_divergence: str = "metrics/layer_divergence.csv"
-    gguf: str = "artifacts/adapter.gguf"
+    gguf: str = "artifacts/gguf"  # a directory: adapter.gguf when one is written, empty when not
     gguf_metrics: str = "metrics/gguf.json"
     figures: str = "reports/figures"
     paper: str = "reports/paper"

@@ -9,6 +9,7 @@ key in the file PEFT does not use (dropped silently) is an error, not a warning.
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -35,7 +36,11 @@ def key_mismatches(model: PeftModel, adapter_dir: Path) -> tuple[list[str], list
     """(keys PEFT expects that the file lacks, keys in the file PEFT has no place for)."""
     # save_embedding_layers=False: PEFT would otherwise expect the base embedding/lm_head weights of a
     # LoRA-targeted embedding, which it saves for resized vocabularies but never needs to load.
-    expected = set(get_peft_model_state_dict(model, save_embedding_layers=False).keys())
+    # Only the keys are used here: PEFT's check for unsharded ZeRO-3 tensors, run on every state dict it builds,
+    # takes the 1-D lora_B.bias of lora_bias for one and warns about a file it is not saving.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+        expected = set(get_peft_model_state_dict(model, save_embedding_layers=False).keys())
     with safe_open(str(adapter_dir / ADAPTER_FILE), framework="pt") as f:
         present = set(f.keys())
     return sorted(expected - present), sorted(present - expected)
