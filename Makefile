@@ -37,7 +37,7 @@ demo: setup
 	. $(BIN)/activate && dvc repro
 	@echo
 	@echo "adapter (PEFT):   artifacts/adapter/"
-	@echo "adapter (GGUF):   artifacts/adapter.gguf"
+	@echo "adapter (GGUF):   artifacts/gguf/adapter.gguf  (none if metrics/gguf.json says written: false)"
 	@echo "metrics:          metrics/extract.json metrics/validate.json metrics/gguf.json  (dvc metrics show)"
 	@echo "figures:          reports/figures/"
 	@echo "paper:            reports/paper/paper.md reports/paper/paper.pdf"

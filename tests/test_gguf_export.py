@@ -165,7 +165,15 @@ def test_metadata_names_and_shapes(tmp_path: Path) -> None:
     summary = write_lora_gguf(tmp_path / "adapter", LLAMA, out)
 
     reader, tensors = read_gguf(out)
-    assert summary == {"arch": "llama", "tensors": 28, "bytes": out.stat().st_size, "dtype": "f32"}
+    assert summary == {
+        "written": True,
+        "reason": None,
+        "arch": "llama",
+        "tensors": 28,
+        "bytes": out.stat().st_size,
+        "dtype": "f32",
+        "left_out": [],
+    }
     assert field(reader, "general.architecture") == "llama"
     assert field(reader, "general.type") == "adapter"
     assert field(reader, "adapter.type") == "lora"
@@ -311,29 +319,48 @@ def test_moe_adapter_for_another_expert_count_is_refused(tmp_path: Path) -> None
         write_lora_gguf(tmp_path / "adapter", {**config, "num_local_experts": 8}, tmp_path / "moe.gguf")
 
 
-def test_unsupported_model_type_is_refused(tmp_path: Path) -> None:
+def test_an_architecture_without_a_known_layout_writes_no_file_and_says_why(tmp_path: Path) -> None:
     make_adapter(tmp_path / "adapter", LLAMA)
-    with pytest.raises(WeightdiffError, match=r"'gpt2'.*llama.*qwen2"):
-        write_lora_gguf(tmp_path / "adapter", {**LLAMA, "model_type": "gpt2"}, tmp_path / "a.gguf")
-
-
-def test_modules_to_save_weight_is_refused(tmp_path: Path) -> None:
-    key = "base_model.model.lm_head.weight"
-    make_adapter(tmp_path / "adapter", LLAMA, extra={key: torch.zeros(128, 64)})
-    with pytest.raises(WeightdiffError, match=r"lm_head\.weight.*llama\.cpp cannot apply full weights"):
-        write_lora_gguf(tmp_path / "adapter", LLAMA, tmp_path / "a.gguf")
+    summary = write_lora_gguf(tmp_path / "adapter", {**LLAMA, "model_type": "gpt2"}, tmp_path / "a.gguf")
+    assert (summary["written"], summary["tensors"], summary["arch"]) == (False, 0, None)
+    assert "'gpt2'" in summary["reason"] and "LlamaForCausalLM" in summary["reason"]
     assert not (tmp_path / "a.gguf").exists()
+    with pytest.raises(WeightdiffError, match=r"gguf\.strict: no LoRA GGUF written: .*'gpt2'"):
+        write_lora_gguf(tmp_path / "adapter", {**LLAMA, "model_type": "gpt2"}, tmp_path / "a.gguf", strict=True)
 
 
-def test_module_without_gguf_name_is_refused(tmp_path: Path) -> None:
+def test_what_gguf_cannot_hold_is_left_out_and_listed(tmp_path: Path) -> None:
+    bias = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"
+    make_adapter(
+        tmp_path / "adapter",
+        LLAMA,
+        extra={"base_model.model.model.norm.weight": torch.zeros(64), bias: torch.zeros(64)},
+    )
+    summary = write_lora_gguf(tmp_path / "adapter", LLAMA, tmp_path / "a.gguf")
+    assert summary["written"] and summary["tensors"] == 28
+    reasons = {entry["tensor"]: entry["reason"] for entry in summary["left_out"]}
+    assert reasons.keys() == {"model.layers.0.self_attn.q_proj.lora_B.bias", "model.norm.weight"}
+    assert "no bias term" in reasons["model.layers.0.self_attn.q_proj.lora_B.bias"]
+    assert "modules_to_save" in reasons["model.norm.weight"]
+    _, tensors = read_gguf(tmp_path / "a.gguf")
+    assert not any("norm" in name or "bias" in name for name in tensors)
+    with pytest.raises(WeightdiffError, match=r"gguf\.strict: the LoRA GGUF cannot hold .*lora_B\.bias.*model\.norm"):
+        write_lora_gguf(tmp_path / "adapter", LLAMA, tmp_path / "b.gguf", strict=True)
+    assert not (tmp_path / "b.gguf").exists()
+
+
+def test_a_module_without_a_gguf_tensor_is_left_out(tmp_path: Path) -> None:
     key = "base_model.model.model.layers.0.mlp.extra_proj.lora_A.weight"
     make_adapter(
         tmp_path / "adapter",
         LLAMA,
         extra={key: torch.zeros(R, 64), key.replace("lora_A", "lora_B"): torch.zeros(64, R)},
     )
-    with pytest.raises(WeightdiffError, match=r"extra_proj\.lora_A\.weight.*no GGUF tensor name"):
-        write_lora_gguf(tmp_path / "adapter", LLAMA, tmp_path / "a.gguf")
+    summary = write_lora_gguf(tmp_path / "adapter", LLAMA, tmp_path / "a.gguf")
+    assert summary["written"] and summary["tensors"] == 28
+    assert summary["left_out"] == [
+        {"tensor": "model.layers.0.mlp.extra_proj", "reason": "no tensor of the llama GGUF corresponds to this module"}
+    ]
 
 
 def test_unknown_dtype_is_refused(tmp_path: Path) -> None:

@@ -27,9 +27,11 @@ import sentencepiece
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 import tiny_moe
 from helpers import kl_per_token, local_manifest, run_extract, top1_agreement, validated
+from test_moe import EDITED, low_rank_edit, qwen3_5_moe
 from weightdiff.errors import WeightdiffError
 from weightdiff.evalset import seeded_batch
 from weightdiff.gguf_export import write_lora_gguf
@@ -58,13 +60,16 @@ CONVERTER_PATHS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 # real Qwen tokenizer, which needs the Hub). Our tiny SentencePiece tokenizer goes through the SentencePiece
 # path that its dense Qwen2/Qwen3 converters already try first; the tensors are converted untouched.
 CONVERT = """
-import runpy, sys
+import json, runpy, sys
 source, *jobs = sys.argv[1:]
 sys.path.insert(0, source)
-from conversion.qwen import Qwen2Model, Qwen3MoeModel
-Qwen3MoeModel.set_vocab = Qwen2Model.set_vocab
+from conversion.qwen import Qwen2Model, Qwen3MoeModel, Qwen3_5MoeTextModel
+Qwen3MoeModel.set_vocab = Qwen3_5MoeTextModel.set_vocab = Qwen2Model.set_vocab
 for model_dir, out in zip(jobs[::2], jobs[1::2]):
     sys.argv = ["convert_hf_to_gguf.py", model_dir, "--outtype", "f32", "--outfile", out]
+    # the tiny Qwen3.5 has no multi-token-prediction layers, which its converter otherwise expects
+    if json.load(open(f"{model_dir}/config.json"))["model_type"].startswith("qwen3_5"):
+        sys.argv.append("--no-mtp")
     runpy.run_path(f"{source}/convert_hf_to_gguf.py", run_name="__main__")
 """
 KL_MAX, TOP1_MIN = 1e-3, 0.99
@@ -130,7 +135,8 @@ def converted(source: Path, model_dirs: list[Path]) -> None:
         text=True,
     )
     if result.returncode:
-        raise AssertionError(f"convert_hf_to_gguf.py failed:\n{result.stderr[-3000:]}")
+        problems = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("INFO:"))
+        raise AssertionError(f"convert_hf_to_gguf.py failed:\n{problems[-3000:]}")
 
 
 def gguf_of(model_dir: Path) -> Path:
@@ -186,6 +192,54 @@ def models(tiny_pair, tmp_path_factory, tokenizer_model, llama_cpp_source) -> di
     }
     pairs["moe"]["adapter"] = root / "moe" / "adapter"
     return pairs
+
+
+# Hybrid Qwen3.5-MoE (Gated DeltaNet + gated attention, fused experts) and Gemma 3 (tied embeddings): tiny A, and
+# B = A + a random rank-2 edit of every matrix of the listed modules, as merging a LoRA leaves.
+# llama.cpp applies Qwen3.5's M-RoPE in sections that must fit the rotary dimensions: 16 × 0.25 = 4 (2 pairs).
+QWEN3_5_ROPE = {
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.25,
+    "rope_type": "default",
+    "mrope_section": [1, 1, 0],
+}
+GEMMA3 = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=16,
+)
+ARCHITECTURES = {
+    "qwen3_5_moe": (lambda: qwen3_5_moe(rope_parameters=QWEN3_5_ROPE), EDITED),
+    "gemma3": (lambda: Gemma3ForCausalLM(Gemma3TextConfig(**GEMMA3)).eval(), ("self_attn.", "mlp.")),
+}
+
+
+@pytest.fixture(scope="module")
+def architecture_pairs(tmp_path_factory, tokenizer_model, llama_cpp_source) -> dict[str, dict[str, Path]]:
+    """Per architecture: HF directories ``a``, ``b`` and llama.cpp's f32 GGUFs of them, in one converter run."""
+    root = tmp_path_factory.mktemp("architectures")
+    for name, (build, edited) in ARCHITECTURES.items():
+        torch.manual_seed(0)
+        model_a = build()
+        model_a.save_pretrained(root / name / "a")
+        low_rank_edit(copy.deepcopy(model_a), edited=edited).save_pretrained(root / name / "b")
+    dirs = [root / name / side for name in ARCHITECTURES for side in "ab"]
+    for model_dir in dirs:
+        (model_dir / "tokenizer.model").write_bytes(tokenizer_model)
+    converted(llama_cpp_source, dirs)
+    return {
+        name: {
+            key: path
+            for side in "ab"
+            for key, path in ((side, root / name / side), (f"{side}.gguf", gguf_of(root / name / side)))
+        }
+        for name in ARCHITECTURES
+    }
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +368,9 @@ def test_peft_moe_expert_adapter_reproduces_tuned_in_llama_cpp(moe_models, tmp_p
 
 def test_wrong_architecture_is_refused_by_llama_cpp_in_its_words(llama_models, tmp_path, cfg) -> None:
     run_extract(llama_models["a"], llama_models["b"], tmp_path / "adapter", cfg, rank=4)
-    write_lora_gguf(tmp_path / "adapter", {**base_config(llama_models), "model_type": "qwen2"}, tmp_path / "qwen2.gguf")
+    # llama.cpp's converter picks the GGUF architecture by the config's `architectures`, as the export does
+    as_qwen2 = {**base_config(llama_models), "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
+    write_lora_gguf(tmp_path / "adapter", as_qwen2, tmp_path / "qwen2.gguf")
     with pytest.raises(
         WeightdiffError,
         match=r"llama\.cpp refused the adapter .*qwen2\.gguf.*"
@@ -322,3 +378,16 @@ def test_wrong_architecture_is_refused_by_llama_cpp_in_its_words(llama_models, t
     ) as refused:
         load_with_adapter(llama_models["a.gguf"], tmp_path / "qwen2.gguf", n_ctx=64)
     print(f"\n{refused.value}")
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_extracted_adapter_reproduces_tuned_in_llama_cpp_for_each_architecture(
+    architecture, architecture_pairs, tmp_path, cfg
+) -> None:
+    """With the default extras: what GGUF cannot hold is listed, and llama.cpp still reproduces the tuned model."""
+    pair = architecture_pairs[architecture]
+    run_extract(pair["a"], pair["b"], tmp_path / "adapter", cfg, rank=16)
+    summary = write_lora_gguf(tmp_path / "adapter", base_config(pair), tmp_path / "adapter.gguf")
+    assert summary["written"] and summary["tensors"] > 0, summary
+
+    assert_reproduces_tuned(llama_cpp_agreement(pair, tmp_path / "adapter.gguf", validation_ids(cfg)))

@@ -12,6 +12,7 @@ import json
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -56,13 +57,15 @@ EDITED = ("self_attn.", "linear_attn.in_proj", "linear_attn.out_proj", "shared_e
 EXPERT_PARAMETERS = ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
 
 
-def low_rank_edit(model: torch.nn.Module, rank: int = 2, size: float = 0.3, seed: int = 1) -> torch.nn.Module:
+def low_rank_edit(
+    model: torch.nn.Module, rank: int = 2, size: float = 0.3, seed: int = 1, edited: tuple[str, ...] = EDITED
+) -> torch.nn.Module:
     """Adds to every matrix under EDITED (each expert of a fused [E, out, in] parameter alike) a random
     rank-`rank` delta of `size` times its Frobenius norm: what merging a LoRA fine-tune leaves."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim >= 2 and any(e in name for e in EDITED):
+            if p.ndim >= 2 and any(e in name for e in edited):
                 delta = torch.randn(*p.shape[:-1], rank, generator=g) @ torch.randn(
                     *p.shape[:-2], rank, p.shape[-1], generator=g
                 )
@@ -70,10 +73,10 @@ def low_rank_edit(model: torch.nn.Module, rank: int = 2, size: float = 0.3, seed
     return model
 
 
-def qwen3_5_moe() -> Qwen3_5MoeForCausalLM:
+def qwen3_5_moe(**overrides: Any) -> Qwen3_5MoeForCausalLM:
     """Random init, LM head scaled up for peaked predictions (as tiny_moe.base_model does for Qwen3-MoE)."""
     torch.manual_seed(0)
-    model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**QWEN3_5)).eval()
+    model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**QWEN3_5 | overrides)).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(30)
     return model
