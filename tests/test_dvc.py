@@ -100,7 +100,7 @@ def test_first_repro_runs_all_eight_stages(project, reproduced):
     assert reproduced == STAGES
     for out in [
         "artifacts/adapter/adapter_model.safetensors",
-        "artifacts/adapter.gguf",
+        "artifacts/gguf/adapter.gguf",
         "metrics/validate.json",
         "reports/figures/energy_vs_rank.png",
         "reports/paper/paper.md",
@@ -109,6 +109,8 @@ def test_first_repro_runs_all_eight_stages(project, reproduced):
         assert (project.root / out).is_file(), out
     validate = json.loads((project.root / "metrics/validate.json").read_text())
     assert validate["kl_adapted"] <= 1e-4 and validate["gap_closed"] >= 0.999 and validate["texts"] == "built-in"
+    assert validate["verdict"] == "reproduces", validate["verdict_summary"]
+    assert json.loads((project.root / "metrics/gguf.json").read_text())["written"] is True
 
 
 def test_second_repro_runs_nothing(project, reproduced):
