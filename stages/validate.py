@@ -18,17 +18,10 @@ def main(cfg: Settings) -> None:
         require_writable(Path(output).parent)
     metrics, layers = validate(read_json(cfg.paths.index), Path(cfg.paths.adapter), cfg.validate)
     judgement = judged(metrics, read_json(cfg.paths.extract_metrics), cfg.validate.gap_closed_target)
-    (log.info if judgement["verdict"] in ("reproduces", "no_gap") else log.warning)("%s", judgement["summary"])
+    good = judgement["verdict"] in ("reproduces", "no_gap")
+    (log.info if good else log.warning)("%s", judgement["verdict_summary"])
     write_csv(Path(cfg.paths.layer_divergence), layers)
-    write_json(
-        Path(cfg.paths.validate_metrics),
-        metrics
-        | {
-            "verdict": judgement["verdict"],
-            "gap_closed_target": judgement["target"],
-            "verdict_summary": judgement["summary"],
-        },
-    )
+    write_json(Path(cfg.paths.validate_metrics), metrics | judgement)
 
 
 if __name__ == "__main__":

@@ -28,18 +28,18 @@ def test_the_verdict_is_gap_closed_against_the_target(gap, verdict):
 def test_low_energy_that_still_reproduces_b_is_said_so_not_flagged():
     judgement = judged({"gap_closed": 0.993}, FULL_FINE_TUNE, 0.99)
     assert judgement["verdict"] == "reproduces"
-    assert "rank 32 keeps 37% of ‖ΔW‖² yet closes 99.3% of the KL gap" in judgement["summary"]
+    assert "rank 32 keeps 37% of ‖ΔW‖² yet closes 99.3% of the KL gap" in judgement["verdict_summary"]
 
 
 def test_high_energy_that_falls_short_points_at_the_largest_delta_left_out():
     judgement = judged({"gap_closed": 0.94}, TIED_HEAD_MISSING, 0.99)
     assert judgement["verdict"] == "falls_short"
-    assert "although rank 32 keeps 99.9% of ‖ΔW‖²" in judgement["summary"]
-    assert "embed_tokens (1 tensor, 5% of ‖ΔW‖²: extract.extras.embeddings=skip)" in judgement["summary"]
+    assert "although rank 32 keeps 99.9% of ‖ΔW‖²" in judgement["verdict_summary"]
+    assert "embed_tokens (1 tensor, 5% of ‖ΔW‖²: extract.extras.embeddings=skip)" in judgement["verdict_summary"]
 
 
 def test_low_energy_that_falls_short_suggests_more_rank():
-    summary = judged({"gap_closed": 0.8}, FULL_FINE_TUNE | {"rank_min": 4}, 0.99)["summary"]
+    summary = judged({"gap_closed": 0.8}, FULL_FINE_TUNE | {"rank_min": 4}, 0.99)["verdict_summary"]
     assert "ranks 4–32 keeps 37%" in summary and "extract.rank" in summary
 
 

@@ -15,23 +15,21 @@ Verdict = Literal["reproduces", "falls_short", "worse", "no_gap"]
 
 
 class Judgement(TypedDict):
+    """The keys validate adds to metrics/validate.json (FORMATS.md), which the paper reads."""
+
     verdict: Verdict
-    gap_closed: float | None
-    target: float
-    energy: float
-    summary: str
+    gap_closed_target: float
+    verdict_summary: str
 
 
 def judged(validate_metrics: dict, extract_metrics: dict, target: float) -> Judgement:
     """The verdict on one run and the sentence that explains it."""
-    gap, energy = validate_metrics["gap_closed"], extract_metrics["energy"]
+    gap = validate_metrics["gap_closed"]
     verdict = verdict_of(gap, target)
     return {
         "verdict": verdict,
-        "gap_closed": gap,
-        "target": target,
-        "energy": energy,
-        "summary": summary(verdict, gap, target, extract_metrics),
+        "gap_closed_target": target,
+        "verdict_summary": summary(verdict, gap, target, extract_metrics),
     }
 
 
