@@ -143,6 +143,15 @@ def gguf_of(model_dir: Path) -> Path:
     return model_dir.with_suffix(".gguf")
 
 
+def pair_files(pair_dir: Path) -> dict[str, Path]:
+    """A pair's HF directories ``a``, ``b`` and the GGUFs llama.cpp's converter made of them, ``a.gguf``, ``b.gguf``."""
+    return {
+        key: path
+        for side in "ab"
+        for key, path in ((side, pair_dir / side), (f"{side}.gguf", gguf_of(pair_dir / side)))
+    }
+
+
 @pytest.fixture(scope="module")
 def tokenizer_model(cfg: DictConfig) -> bytes:
     """A SentencePiece model with exactly the tiny models' vocabulary size: llama.cpp's converter needs one."""
@@ -182,14 +191,7 @@ def models(tiny_pair, tmp_path_factory, tokenizer_model, llama_cpp_source) -> di
     for model_dir in dirs:
         (model_dir / "tokenizer.model").write_bytes(tokenizer_model)
     converted(llama_cpp_source, dirs)
-    pairs = {
-        pair: {
-            key: path
-            for name in "ab"
-            for key, path in ((name, root / pair / name), (f"{name}.gguf", gguf_of(root / pair / name)))
-        }
-        for pair in ("llama", "moe")
-    }
+    pairs = {pair: pair_files(root / pair) for pair in ("llama", "moe")}
     pairs["moe"]["adapter"] = root / "moe" / "adapter"
     return pairs
 
@@ -232,14 +234,7 @@ def architecture_pairs(tmp_path_factory, tokenizer_model, llama_cpp_source) -> d
     for model_dir in dirs:
         (model_dir / "tokenizer.model").write_bytes(tokenizer_model)
     converted(llama_cpp_source, dirs)
-    return {
-        name: {
-            key: path
-            for side in "ab"
-            for key, path in ((side, root / name / side), (f"{side}.gguf", gguf_of(root / name / side)))
-        }
-        for name in ARCHITECTURES
-    }
+    return {name: pair_files(root / name) for name in ARCHITECTURES}
 
 
 @pytest.fixture(scope="module")
