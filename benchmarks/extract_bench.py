@@ -1,15 +1,19 @@
-"""Extraction against the cost of reading: a synthetic pair at real shapes, timed on this machine.
+"""Extraction against the cost of reading, on the defaults users run: `python -m stages.extract` as a process.
 
-    python benchmarks/extract_bench.py --shape llama3-8b --layers 2 --cold
-    python benchmarks/extract_bench.py --shape llama3-8b --layers 4 --delta decaying --power-iters 1 2 auto
+    python benchmarks/extract_bench.py                          # params.yaml's defaults, warm page cache
+    python benchmarks/extract_bench.py --cold --delta decaying  # also from disk; a full fine-tune's spectrum
+    python benchmarks/extract_bench.py --exact all -- extract.svd.power_iters=2   # Hydra overrides after --
+    python benchmarks/extract_bench.py --mergekit /path/to/venv/bin/mergekit-extract-lora
 
-B = A + a rank-16 delta (`--delta lora`: what merged LoRA fine-tunes give), a dense one with a slowly
-decaying spectrum (`--delta decaying`: a full fine-tune) or white noise (`--delta full`), both saved in bf16
-and sharded one layer per shard with an index file. Prints the extraction wall time, the read floor
-(reading the same target tensors of both models through safetensors, warm page cache; with --cold also
-from disk, the shards dropped from the page cache first), their ratio, the peak RSS of the extracting
-process against the largest target tensor pair in fp32, and per sampled tensor the energy kept against the
-exact SVD's.
+A synthetic pair at real shapes (default: 2 layers of Llama 3 8B), B = A + a rank-16 delta (`--delta lora`:
+what merged LoRA fine-tunes give), a dense one with a slowly decaying spectrum (`--delta decaying`: a full
+fine-tune) or white noise (`--delta full`), both saved in bf16, one layer per shard with an index file.
+
+Prints the read floor (every target tensor of both models read through safetensors and their fp32 delta
+formed: what any extraction must do), the extraction's own time (metrics/extract.json's `seconds`) and the
+process's wall time against it, the process's peak RSS, and per compared tensor the energy kept against the
+exact SVD's at the same rank. With --mergekit, mergekit's extract-lora on the same pair at --max-rank 16
+against ours at extract.rank=16.
 """
 
 from __future__ import annotations
@@ -140,51 +144,68 @@ def drop_from_page_cache(dirs: tuple[Path, Path]) -> None:
 
 
 def read_floor(dirs: tuple[Path, Path], names: list[str], weight_map: dict[str, str]) -> float:
-    """Seconds to bring every target tensor of both models into memory through safetensors (warm cache)."""
+    """Seconds to read every target tensor of both models through safetensors and form their fp32 delta."""
+    from weightdiff.stream import difference_into
+
     start = time.perf_counter()
-    for d in dirs:
-        for name in names:
-            with safe_open(str(d / weight_map[name]), framework="pt") as f:
-                f.get_tensor(name).clone()  # get_tensor maps; clone is the read
+    out = torch.empty(0)
+    for name in names:
+        with (
+            safe_open(str(dirs[0] / weight_map[name]), "pt") as fa,
+            safe_open(str(dirs[1] / weight_map[name]), "pt") as fb,
+        ):
+            a, b = fa.get_tensor(name), fb.get_tensor(name)
+            if out.numel() < b.numel():
+                out = torch.empty(b.numel())
+            difference_into(out[: b.numel()].view(b.shape), a, b)
     return time.perf_counter() - start
 
 
-CHILD = """
-import json, re, sys, time
-from pathlib import Path
-from weightdiff.extract import extract
-from weightdiff.settings import ExtractSettings, typed
-
-def peak_rss():  # VmHWM: this process's own peak (ru_maxrss would include the parent's, inherited at fork)
-    return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-manifest, index, settings = (json.loads(Path(p).read_text()) for p in sys.argv[1:4])
-rss_start = peak_rss()
-t = time.perf_counter()
-metrics, reports, _ = extract(index, manifest, typed(ExtractSettings, settings), Path(sys.argv[4]), Path(sys.argv[5]))
-print(json.dumps({"seconds": time.perf_counter() - t, "rss_start": rss_start, "rss_peak": peak_rss(),
-                  "energies": {r["name"]: r["energy"] for r in reports if r["action"] == "lora" and "energy" in r}}))
-"""
+def run_stage(work: Path, overrides: list[str]) -> dict:
+    """`python -m stages.extract` on the pair in `work`: its wall time, peak RSS (its own, from wait4), and what
+    it wrote."""
+    out = work / "out"
+    paths = {
+        "manifest": work / "manifest.json",
+        "index": work / "index.json",
+        "adapter": out / "adapter",
+        "resume": out / "resume",
+        "tensors": out / "tensors.json",
+        "extract_metrics": out / "extract.json",
+        "energy_curve": out / "energy.csv",
+    }
+    argv = [sys.executable, "-m", "stages.extract", *(f"paths.{k}={v}" for k, v in paths.items()), *overrides]
+    start = time.perf_counter()
+    child = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    stderr = child.stderr.read() if child.stderr else ""
+    if status:
+        sys.exit(f"stages.extract failed:\n{stderr}")
+    reports = json.loads(paths["tensors"].read_text())
+    return {
+        "wall": wall,
+        "rss_peak": usage.ru_maxrss * 1024,
+        "metrics": json.loads(paths["extract_metrics"].read_text()),
+        "energies": {r["name"]: (r["energy"], r["rank"]) for r in reports if r["action"] == "lora" and "energy" in r},
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=SHAPES, default="llama3-8b")
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--rank", type=int, default=16)
     p.add_argument("--delta", choices=("lora", "decaying", "full"), default="lora")
-    p.add_argument("--power-iters", type=lambda v: v if v == "auto" else int(v), nargs="+", default=["auto"])
-    p.add_argument("--cold", action="store_true", help="also time the read and the extraction from disk")
-    p.add_argument("--oversample", type=int, default=10)
-    p.add_argument("--sample", type=int, default=3, help="tensors compared with the exact SVD")
+    p.add_argument("--cold", action="store_true", help="also run from disk, the shards dropped from the page cache")
+    p.add_argument("--exact", default="one", help="tensors compared with the exact SVD: one (of each shape), all, none")
+    p.add_argument("--mergekit", type=Path, default=None, help="a mergekit-extract-lora executable to compare with")
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for stages.extract (after --)")
     args = p.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="weightdiff-bench-"))
 
-    from weightdiff.config import run_config
     from weightdiff.download import file_list
     from weightdiff.index import build_index
-    from weightdiff.settings import plain
 
     t = time.perf_counter()
     dir_a, dir_b, config = write_pair(work, args.shape, args.layers, args.delta)
@@ -203,85 +224,91 @@ def main() -> None:
         for side, d in (("model_a", dir_a), ("model_b", dir_b))
     }
     index = build_index(manifest)
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    (work / "index.json").write_text(json.dumps(index))
     tensors = index["model_a"]["tensors"]
     weight_map = json.loads((dir_a / "model.safetensors.index.json").read_text())["weight_map"]
     targets = [n for n, e in tensors.items() if len(e["shape"]) == 2 and "layers" in n]
     largest_pair = max(2 * 4 * math.prod(tensors[n]["shape"]) for n in targets)
-    read_floor((dir_a, dir_b), targets, weight_map)  # warm the page cache
-    floor = min(read_floor((dir_a, dir_b), targets, weight_map) for _ in range(2))
     read_bytes = sum(2 * 2 * math.prod(tensors[n]["shape"]) for n in targets)
+    dirs = (dir_a, dir_b)
+    read_floor(dirs, targets, weight_map)  # warm the page cache
+    floor = min(read_floor(dirs, targets, weight_map) for _ in range(3))
     print(
-        f"read floor: {floor:.2f} s for {read_bytes / 2**30:.2f} GiB of target tensors "
-        f"({read_bytes / floor / 2**30:.1f} GiB/s)"
+        f"warm read floor: {floor:.2f} s for {read_bytes / 2**30:.2f} GiB of target tensors "
+        f"({read_bytes / floor / 2**30:.1f} GiB/s), fp32 deltas formed"
     )
+    runs = [("warm", floor)]
     if args.cold:
-        drop_from_page_cache((dir_a, dir_b))
-        cold_floor = read_floor((dir_a, dir_b), targets, weight_map)
+        drop_from_page_cache(dirs)
+        cold_floor = read_floor(dirs, targets, weight_map)
         print(f"cold read floor: {cold_floor:.2f} s ({read_bytes / cold_floor / 2**30:.2f} GiB/s)")
-
-    base = plain(run_config(params=ROOT / "params.yaml").extract)
-    files = {}
-    for name, obj in (("manifest", manifest), ("index", index)):
-        files[name] = work / f"{name}.json"
-        files[name].write_text(json.dumps(obj))
-    exact = exact_energies(targets[: args.sample * 3 : 3] if args.sample else [], dir_a, dir_b, weight_map, args.rank)
-    for iters in args.power_iters:
-        settings = base | {
-            "rank": args.rank,
-            "rank_policy": "fixed",
-            "dtype": "fp16",
-            "svd": base["svd"] | {"power_iters": iters, "oversample": args.oversample, "check_samples": 0},
-        }
-        files["settings"] = work / "settings.json"
-        files["settings"].write_text(json.dumps(settings))
-        for cache in ("warm", "cold") if args.cold else ("warm",):
-            if cache == "cold":
-                drop_from_page_cache((dir_a, dir_b))
-            else:
-                read_floor((dir_a, dir_b), targets, weight_map)
-            r = run_extraction(files, work)
-            against = floor if cache == "warm" else cold_floor
-            print(f"\nrank {args.rank}, oversample {args.oversample}, power iterations {iters}, {cache} cache:")
-            print(f"  extract: {r['seconds']:.2f} s = {r['seconds'] / against:.2f} x the {cache} read floor")
-            print(
-                f"  peak RSS: {r['rss_peak'] / 2**30:.2f} GiB "
-                f"({(r['rss_peak'] - r['rss_start']) / 2**30:.2f} GiB above the "
-                f"{r['rss_start'] / 2**30:.2f} GiB of the started process) = {r['rss_peak'] / largest_pair:.2f} x "
-                f"(above start: {(r['rss_peak'] - r['rss_start']) / largest_pair:.2f} x) "
-                f"the largest target pair in fp32 "
-                f"({largest_pair / 2**30:.2f} GiB)"
-            )
-        for name, e in exact.items():
-            print(f"  {name}: energy {r['energies'][name]:.6f}, exact {e:.6f}, gap {e - r['energies'][name]:+.2e}")
+        runs.append(("cold", cold_floor))
+    print(f"overrides: {' '.join(args.overrides) or '(none: the defaults)'}")
+    for cache, against in runs:
+        if cache == "cold":
+            drop_from_page_cache(dirs)
+        else:
+            read_floor(dirs, targets, weight_map)
+        r = run_stage(work, args.overrides)
+        seconds = r["metrics"]["seconds"]
+        print(f"\n{cache} cache, rank {r['metrics']['rank']}:")
+        print(
+            f"  extract: {seconds:.2f} s = {seconds / against:.2f} x the {cache} read floor "
+            f"(process wall {r['wall']:.2f} s: {r['wall'] - seconds:.2f} s of start-up, planning and writing)"
+        )
+        print(f"  per layer: {seconds / args.layers:.3f} s; 32 layers: {32 * seconds / args.layers:.1f} s")
+        print(
+            f"  peak RSS: {r['rss_peak'] / 2**30:.2f} GiB = {r['rss_peak'] / largest_pair:.2f} x the largest target "
+            f"pair in fp32 ({largest_pair / 2**30:.2f} GiB)"
+        )
+    one_of_each_shape = list({tuple(tensors[n]["shape"]): n for n in reversed(targets)}.values())
+    compared = {"none": [], "all": targets, "one": one_of_each_shape}[args.exact]
+    for name, exact in exact_energies(
+        compared, dir_a, dir_b, weight_map, {n: r["energies"][n][1] for n in compared}
+    ).items():
+        got = r["energies"][name][0]
+        print(f"  {name}: energy {got:.6f}, exact {exact:.6f}, gap {exact - got:+.2e}")
+    if args.mergekit:
+        compare_mergekit(args.mergekit, work, dirs)
 
 
-def run_extraction(files: dict[str, Path], work: Path) -> dict:
-    out = subprocess.run(
+def compare_mergekit(executable: Path, work: Path, dirs: tuple[Path, Path]) -> None:
+    """mergekit-extract-lora --max-rank 16 on the pair against our extraction at rank 16, both as processes."""
+    ours = run_stage(work, ["extract.rank=16"])["wall"]
+    start = time.perf_counter()
+    subprocess.run(
         [
-            sys.executable,
-            "-c",
-            CHILD,
-            *(str(files[n]) for n in ("manifest", "index", "settings")),
-            str(work / "adapter"),
-            str(work / "ckpt"),
+            str(executable),
+            "--model",
+            str(dirs[1]),
+            "--base-model",
+            str(dirs[0]),
+            "--out-path",
+            str(work / "mergekit"),
+            "--max-rank",
+            "16",
         ],
+        check=True,
         capture_output=True,
-        text=True,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
     )
-    if out.returncode:
-        sys.exit(out.stderr)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    theirs = time.perf_counter() - start
+    print(
+        f"\nrank 16, process wall: weightdiff {ours:.1f} s, mergekit-extract-lora {theirs:.1f} s "
+        f"({theirs / ours:.1f} x)"
+    )
 
 
-def exact_energies(names: list[str], dir_a: Path, dir_b: Path, weight_map: dict, rank: int) -> dict[str, float]:
-    """The exact SVD's energy at `rank` for the sampled tensors (slow: minutes for MLP shapes)."""
+def exact_energies(
+    names: list[str], dir_a: Path, dir_b: Path, weight_map: dict, ranks: dict[str, int]
+) -> dict[str, float]:
+    """The exact SVD's energy at each tensor's rank (slow: tens of seconds for MLP shapes)."""
     out = {}
     for name in names:
         with safe_open(str(dir_a / weight_map[name]), "pt") as fa, safe_open(str(dir_b / weight_map[name]), "pt") as fb:
             dw = fb.get_tensor(name).float() - fa.get_tensor(name).float()
-        S = torch.linalg.svdvals(dw)
-        out[name] = (S[:rank].square().sum() / S.square().sum()).item()
+        S = torch.linalg.svdvals(dw.double() if min(dw.shape) <= 1024 else dw)
+        out[name] = (S[: ranks[name]].square().sum() / S.square().sum()).item()
     return out
 
 

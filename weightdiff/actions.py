@@ -77,7 +77,7 @@ def lora(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str, dict]) 
     if method.policy == "noise_floor":  # the stream measured the weights' RMS for this policy
         assert weight.rms_a is not None and weight.rms_b is not None
         floor = noise_floor(shape, entry["dtype"], weight.rms_a, weight.rms_b)
-    low = method.decompose(weight.value, measured(weight), weight.name, floor=floor or 0.0)
+    low = method.decompose(weight.value, measured(weight), weight.name, floor=floor or 0.0, sketch=weight.sketch)
     key_a, key_b = lora_keys(unit.module)
     factors = {key_a: low.A[0], key_b: low.B[0]}
     reports = [extracted(r, low, floor)]
@@ -99,7 +99,7 @@ def lora_embedding(unit: Unit, ds: list[Delta], method: Method, tensors: dict[st
     r = tensor_report(unit, d, tensors[d.name])
     if d.norm == 0.0:
         return [zero(r)], {}
-    low = method.decompose(d.value, measured(d), d.name, fixed=True, transposed=True)
+    low = method.decompose(d.value, measured(d), d.name, fixed=True, transposed=True, sketch=d.sketch)
     A, B = low.A[0], low.B[0]
     key_a, key_b = embedding_keys(unit.module)
     factors = {key_a: A, key_b: B}

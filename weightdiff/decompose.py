@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from weightdiff.errors import WeightdiffError
-from weightdiff.lowrank import Truncated, lora_factors, residual_norms, truncated_svd
+from weightdiff.lowrank import Truncated, lora_factors, reconstruction_errors, truncated_svd
 from weightdiff.rank import auto_rank, chosen_rank, sketch_rank
 from weightdiff.settings import ExtractSettings, SvdSettings
 
@@ -101,9 +101,10 @@ class Method:
     def scaling(self, rank: int) -> float:
         return 1.0 if self.alpha is None else self.alpha / rank
 
-    def svd_of(self, M: torch.Tensor, rank: int, seed: int) -> Truncated:
+    def svd_of(self, M: torch.Tensor, rank: int, seed: int, sketch: torch.Tensor | None = None) -> Truncated:
         s = self.svd
-        return truncated_svd(M.to(self.device), rank, s.method, s.oversample, s.power_iters, seed, s.tol)
+        on_device = None if sketch is None else sketch.to(self.device)
+        return truncated_svd(M.to(self.device), rank, s.method, s.oversample, s.power_iters, seed, s.tol, on_device)
 
     def decompose(
         self,
@@ -114,16 +115,18 @@ class Method:
         floor: float = 0.0,
         fixed: bool = False,
         transposed: bool = False,
+        sketch: torch.Tensor | None = None,
     ) -> LowRank:
         """LoRA factors of ΔW ([m, n] or a stack [E, m, n]; `norms` its per-matrix ‖ΔW‖_F as measured).
 
         fixed: the configured rank whatever the policy (embeddings). transposed: factors of ΔWᵀ, from the SVD of
-        ΔW itself (an embedding's [vocab, dim] table as PEFT's Embedding LoRA adds it).
+        ΔW itself (an embedding's [vocab, dim] table as PEFT's Embedding LoRA adds it). sketch: ΔW in bf16, when the
+        stream formed it.
         """
         m, n = dw.shape[-2:]
         cap = min(self.rank if fixed else sketch_rank(self.policy, self.rank, self.max_rank), m, n)
         # the SVD of ΔW as given: a one-matrix batch [1, m, n] would take other kernels and round differently
-        full = self.svd_of(dw, cap, tensor_seed(name, self.svd.seed))
+        full = self.svd_of(dw, cap, tensor_seed(name, self.svd.seed), sketch)
         one = dw.ndim == 2  # a linear layer or an embedding: a stack of one from here on
         stack = dw[None] if one else dw
         U, S, Vh = (x.cpu()[None] if one else x.cpu() for x in (full.U, full.S, full.Vh))
@@ -136,11 +139,12 @@ class Method:
         kept = S[:, :r] * (torch.arange(r) < torch.tensor(ranks)[:, None])  # zero beyond each matrix's own rank
         t = Truncated(Vh[:, :r].mT, kept, U[..., :r].mT) if transposed else Truncated(U[..., :r], kept, Vh[:, :r])
         scaling = self.scaling(r)
-        B, A = (f.to(self.dtype).contiguous() for f in lora_factors(t, scaling))
+        exact = lora_factors(t, scaling)
+        B, A = (f.to(self.dtype).contiguous() for f in exact)
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise WeightdiffError(
                 f"{name}: LoRA factors (largest singular value {S.max().item():.4g}) overflow "
                 f"{self.dtype}; use extract.dtype=bf16 or fp32"
             )
-        errors = residual_norms(stack.mT if transposed else stack, B.float(), A.float(), scaling)  # as stored
+        errors = reconstruction_errors(stack.mT if transposed else stack, *exact, (B, A), kept, norms, scaling)
         return LowRank(ranks, B, A, kept, norms, errors, scaling)
