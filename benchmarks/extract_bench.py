@@ -207,12 +207,15 @@ def main() -> None:
     from weightdiff.download import file_list
     from weightdiff.index import build_index
 
-    t = time.perf_counter()
-    dir_a, dir_b, config = write_pair(work, args.shape, args.layers, args.delta)
-    print(
-        f"pair: {args.shape}, {args.layers} layers, {args.delta} delta, bf16, in {work} "
-        f"({time.perf_counter() - t:.1f} s to write)"
-    )
+    pair = {"shape": args.shape, "layers": args.layers, "delta": args.delta}
+    dir_a, dir_b = work / "a", work / "b"
+    if not (work / "pair.json").is_file() or json.loads((work / "pair.json").read_text()) != pair:
+        t = time.perf_counter()
+        write_pair(work, args.shape, args.layers, args.delta)
+        os.sync()  # written back now, not while the extraction is timed
+        (work / "pair.json").write_text(json.dumps(pair))
+        print(f"wrote the pair in {time.perf_counter() - t:.1f} s")
+    print(f"pair: {args.shape}, {args.layers} layers, {args.delta} delta, bf16, in {work}")
     manifest = {
         side: {
             "source": str(d),

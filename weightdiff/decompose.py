@@ -18,6 +18,7 @@ from weightdiff.errors import WeightdiffError
 from weightdiff.lowrank import Truncated, lora_factors, reconstruction_errors, truncated_svd
 from weightdiff.rank import auto_rank, chosen_rank, sketch_rank
 from weightdiff.settings import ExtractSettings, SvdSettings
+from weightdiff.stream import Delta
 
 log = logging.getLogger(__name__)
 FACTOR_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -39,6 +40,7 @@ class LowRank:
     norms: torch.Tensor  # [E] ‖ΔW[e]‖_F, fp64
     errors: torch.Tensor  # [E] ‖ΔW[e] − scaling·B[e]·A[e]‖_F, fp64
     scaling: float
+    spanned: torch.Tensor  # [E] ‖ΔW[e]‖² inside the span of the SVD's final sketch (all of it for an exact SVD)
 
     @property
     def rank(self) -> int:
@@ -50,6 +52,18 @@ class LowRank:
         nonzero = self.norms > 0
         safe = torch.where(nonzero, self.norms, 1.0)
         return torch.where(nonzero, self.S.double().square().sum(-1) / safe.square(), 1.0)
+
+    def energy_bounds(self) -> torch.Tensor:
+        """An upper bound on each matrix's optimal energy at its rank, a posteriori: the kept energy plus the share
+        of ‖ΔW[e]‖² outside the sketch's span. (ΔWᵀΔW splits into the sketched part's Gram and the rest's; Ky Fan's
+        inequality bounds the top-r eigenvalues of the sum by those of the parts, the rest's by its trace.)"""
+        nonzero = self.norms > 0
+        safe = torch.where(nonzero, self.norms, 1.0).square()
+        return torch.where(nonzero, (self.energies() + self.outside() / safe).clamp(max=1.0), 1.0)
+
+    def outside(self) -> torch.Tensor:
+        """‖ΔW[e]‖² outside the span of the final sketch."""
+        return (self.norms.square() - self.spanned).clamp(min=0)
 
     def rel_errors(self) -> torch.Tensor:
         nonzero = self.norms > 0
@@ -147,4 +161,17 @@ class Method:
                 f"{self.dtype}; use extract.dtype=bf16 or fp32"
             )
         errors = reconstruction_errors(stack.mT if transposed else stack, *exact, (B, A), kept, norms, scaling)
-        return LowRank(ranks, B, A, kept, norms, errors, scaling)
+        spanned = norms.square() if full.spanned is None else full.spanned.cpu().reshape(-1)
+        return LowRank(ranks, B, A, kept, norms, errors, scaling, spanned)
+
+    def reference_energy(self, delta: Delta, rank: int) -> float:
+        """The energy at `rank` of a deeper randomized SVD of one delta (twice the sketch, its own seed): a lower
+        bound on the optimum's that sits much closer to it than the extraction's own."""
+        s = self.svd
+        q = min(-(-(rank + s.oversample) // 8) * 8, *delta.value.shape)
+        sketch = None if delta.sketch is None else delta.sketch.to(self.device)
+        seed = tensor_seed(delta.name, s.seed + 1)
+        deep = truncated_svd(
+            delta.value.to(self.device), rank, "randomized", 2 * q - rank, "auto", seed, s.tol, sketch
+        )
+        return deep.S.double().square().sum().item() / delta.norm**2

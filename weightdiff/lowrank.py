@@ -108,7 +108,7 @@ def captured_energy(product: torch.Tensor, basis: torch.Tensor, rank: int) -> to
 
 def exact_svd(M: torch.Tensor, rank: int) -> Truncated:
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    return Truncated(U[..., :rank], S[..., :rank], Vh[..., :rank, :])
+    return Truncated(U[..., :rank], S[..., :rank], Vh[..., :rank, :])  # spanned None: all of M is
 
 
 def truncated_svd(

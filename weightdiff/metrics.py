@@ -65,7 +65,7 @@ def summary(reports: list[TensorReport], method: Method, adapter_rank: int) -> d
     clamped = [r for r in chosen if method.policy == "fixed" and r["rank"] < method.rank]
     for r in clamped:
         log.warning("%s %s is smaller than rank %d: clamped to rank %d", r["name"], r["shape"], method.rank, r["rank"])
-    checked = [r for r in chosen if "energy_exact" in r]
+    checked = [r for r in chosen if "energy_reference" in r]
     skipped = [r for r in reports if r["action"] == "skip"]
     saved = [r for r in reports if r["action"] == "save" and "bytes" in r]
     ranks = [r["rank"] for r in chosen]
@@ -86,7 +86,10 @@ def summary(reports: list[TensorReport], method: Method, adapter_rank: int) -> d
         "delta_norm_total": math.sqrt(sum(r["delta_norm"] ** 2 for r in targets)),
         "svd_check": {
             "tensors": len(checked),
-            "max_energy_gap": max((r["energy_exact"] - r["energy"] for r in checked), default=0.0),
+            "max_energy_gap": max((r["energy_reference"] - r["energy"] for r in checked), default=0.0),
+            "max_energy_gap_bound": max(
+                (r["energy_bound"] - r["energy"] for r in chosen if "energy_bound" in r), default=0.0
+            ),
         },
         "extras": {
             "saved": len(saved),

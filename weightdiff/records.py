@@ -51,7 +51,8 @@ class TensorReport(TypedDict):
     rel_error: NotRequired[float]  # ‖ΔW − scaling·B·A‖ / ‖ΔW‖, of the stored factors
     singular_values: NotRequired[list[float]]  # kept; for experts pooled over experts (root sum of squares)
     noise_floor: NotRequired[float]
-    energy_exact: NotRequired[float]  # the exact SVD's energy at the same rank (extract.svd.check_samples)
+    energy_bound: NotRequired[float]  # an upper bound on the exact SVD's energy at the same rank (a posteriori)
+    energy_reference: NotRequired[float]  # a deeper randomized SVD's, a lower bound on it (extract.svd.check_every)
     experts: NotRequired[ExpertArrays]
     bytes: NotRequired[int]  # save: the size of B's weights in the adapter
 

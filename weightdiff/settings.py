@@ -225,15 +225,18 @@ class SvdSettings:
     )
     tol: float = helped(1.0e-4, "the energy gain under which power_iters=auto stops, in (0, 1)")
     seed: int = helped(0, "the sketches' seed (per tensor: mixed with its name)")
-    check_samples: int = helped(4, "tensors also decomposed exactly, to report the randomized SVD's energy gap")
+    check_every: int = helped(
+        40,
+        "every so many lora tensors (the first included) also get a deeper randomized SVD, to measure the gap; 0: none",
+    )
 
     def __post_init__(self) -> None:
         if self.power_iters != "auto" and not (isinstance(self.power_iters, int) and self.power_iters >= 0):
             raise fail("extract.svd.power_iters", self.power_iters, "auto or a count >= 0")
         if not 0 < self.tol < 1:
             raise fail("extract.svd.tol", self.tol, "a number in (0, 1)")
-        if self.oversample < 0 or self.check_samples < 0:
-            raise WeightdiffError("extract.svd.oversample and check_samples must be >= 0")
+        if self.oversample < 0 or self.check_every < 0:
+            raise WeightdiffError("extract.svd.oversample and check_every must be >= 0")
 
 
 @dataclass
@@ -258,7 +261,6 @@ class ExtractSettings:
     extras: ExtrasSettings = field(default_factory=ExtrasSettings)
     dtype: FactorDtype = helped(FactorDtype.fp16, "of the saved factors (fp16 keeps 3 more mantissa bits than bf16)")
     device: Device = helped(Device.auto, "auto (cuda when available), cpu or cuda")
-    prefetch: int = helped(1, "units read ahead while the current one decomposes")
     svd: SvdSettings = field(default_factory=SvdSettings)
 
     def __post_init__(self) -> None:
@@ -278,7 +280,7 @@ class ExtractSettings:
 
 
 # Keys that cannot change the adapter: left out of what identifies a run (resume store, DVC params).
-RUN_ONLY_KEYS = ("device", "prefetch")
+RUN_ONLY_KEYS = ("device",)
 
 
 @dataclass
