@@ -1,5 +1,6 @@
 """Adaptive ranks (energy target, noise floor), loaded by PEFT through rank_pattern/alpha_pattern, the
-randomized SVD's accuracy bracket (a sampled deeper SVD, an a-posteriori bound), and what the log says when the ranks keep less energy than the target."""
+randomized SVD's accuracy bracket (a sampled deeper SVD, an a-posteriori bound), and what the log says when the
+ranks keep less energy than the target."""
 
 from __future__ import annotations
 
