@@ -199,6 +199,7 @@ def main() -> None:
     p.add_argument("--cold", action="store_true", help="also run from disk, the shards dropped from the page cache")
     p.add_argument("--exact", default="one", help="tensors compared with the exact SVD: one (of each shape), all, none")
     p.add_argument("--mergekit", type=Path, default=None, help="a mergekit-extract-lora executable to compare with")
+    p.add_argument("--repeat", type=int, default=3, help="runs of the stage per cache state (the median is shown)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("overrides", nargs="*", help="Hydra overrides for stages.extract (after --)")
     args = p.parse_args()
@@ -249,16 +250,20 @@ def main() -> None:
         runs.append(("cold", cold_floor))
     print(f"overrides: {' '.join(args.overrides) or '(none: the defaults)'}")
     for cache, against in runs:
-        if cache == "cold":
-            drop_from_page_cache(dirs)
-        else:
-            read_floor(dirs, targets, weight_map)
-        r = run_stage(work, args.overrides)
+        rs = []
+        for _ in range(args.repeat):
+            if cache == "cold":
+                drop_from_page_cache(dirs)
+            else:
+                read_floor(dirs, targets, weight_map)
+            rs.append(run_stage(work, args.overrides))
+        r = sorted(rs, key=lambda x: x["metrics"]["seconds"])[len(rs) // 2]  # the median run
         seconds = r["metrics"]["seconds"]
-        print(f"\n{cache} cache, rank {r['metrics']['rank']}:")
+        print(f"\n{cache} cache, rank {r['metrics']['rank']}, median of {args.repeat}:")
         print(
             f"  extract: {seconds:.2f} s = {seconds / against:.2f} x the {cache} read floor "
-            f"(process wall {r['wall']:.2f} s: {r['wall'] - seconds:.2f} s of start-up, planning and writing)"
+            f"(runs: {', '.join(f'{x["metrics"]["seconds"]:.2f}' for x in rs)} s; process wall {r['wall']:.2f} s: "
+            f"{r['wall'] - seconds:.2f} s of start-up, planning and writing)"
         )
         print(f"  per layer: {seconds / args.layers:.3f} s; 32 layers: {32 * seconds / args.layers:.1f} s")
         print(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from weightdiff.errors import WeightdiffError
-from weightdiff.lowrank import Truncated, lora_factors, reconstruction_errors, truncated_svd
+from weightdiff.lowrank import Truncated, lora_factors, randomized_svd, reconstruction_errors, truncated_svd
 from weightdiff.rank import auto_rank, chosen_rank, sketch_rank
 from weightdiff.settings import ExtractSettings, SvdSettings
 from weightdiff.stream import Delta
@@ -164,14 +164,17 @@ class Method:
         spanned = norms.square() if full.spanned is None else full.spanned.cpu().reshape(-1)
         return LowRank(ranks, B, A, kept, norms, errors, scaling, spanned)
 
-    def reference_energy(self, delta: Delta, rank: int) -> float:
-        """The energy at `rank` of a deeper randomized SVD of one delta (twice the sketch, its own seed): a lower
-        bound on the optimum's that sits much closer to it than the extraction's own."""
+    def reference_energy(self, delta: Delta, A: torch.Tensor) -> float:
+        """The energy at A's rank after one more power iteration, in fp32, from the extraction's own row space (A's,
+        [r, n]) and `oversample` fresh Gaussian directions (their own seed): a lower bound on the optimum's, and
+        above the extraction's own by what that iteration, and what the fresh directions find, still gain.
+
+        Measured on 4096×14336 deltas it finds ~40% of the true gap (merged LoRA 7e-7 of 1.5e-6, a slowly decaying
+        spectrum 2.8e-5 of 7.3e-5) for the cost of two fp32 passes; a sketch twice as wide with a bf16 iteration
+        more finds ~65% for 2.5 times that."""
         s = self.svd
-        q = min(-(-(rank + s.oversample) // 8) * 8, *delta.value.shape)
+        M = delta.value.to(self.device)
         sketch = None if delta.sketch is None else delta.sketch.to(self.device)
-        seed = tensor_seed(delta.name, s.seed + 1)
-        deep = truncated_svd(
-            delta.value.to(self.device), rank, "randomized", 2 * q - rank, "auto", seed, s.tol, sketch
-        )
+        generator = torch.Generator().manual_seed(tensor_seed(delta.name, s.seed + 1))
+        deep = randomized_svd(M, A.shape[0], s.oversample, 0, generator, s.tol, sketch, A.to(self.device, M.dtype).mT)
         return deep.S.double().square().sum().item() / delta.norm**2

@@ -44,6 +44,7 @@ def randomized_svd(
     generator: torch.Generator,
     tol: float = 1e-4,
     sketch: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
 ) -> Truncated:
     """Halko et al.'s algorithm 4.4: passes over ΔW that alternate sides, the early ones on a bf16 copy.
 
@@ -59,6 +60,8 @@ def randomized_svd(
     top `rank` directions after every bf16 pass from the second and stops them once a pass adds less than `tol`
     of it (or than a bf16 pass resolves, SKETCH_RESOLUTION), in every matrix of a stack: a merged LoRA takes 3
     bf16 passes, a full fine-tune's slowly decaying spectrum the passes it needs.
+
+    `start` [..., n, k ≤ q]: row-space directions the first pass begins from, Gaussian columns filling the rest.
     """
     *batch, m, n = M.shape
     q = min(-(-(rank + oversample) // 8) * 8, m, n)  # kernels take a width that is a multiple of 8 faster
@@ -66,6 +69,8 @@ def randomized_svd(
     auto = power_iters == "auto"
     least_gain = max(tol, SKETCH_RESOLUTION)
     basis = torch.randn(*batch, n, q, generator=generator).to(M.device)
+    if start is not None:
+        basis[..., : start.shape[-1]] = start
     right = True  # the basis is of the row space (n×q: the next product is M·basis), else of the column space
     captured = None
     for p in range(1, 1 + 2 * (MAX_POWER_ITERS if auto else int(power_iters))):
