@@ -259,10 +259,11 @@ def main() -> None:
             rs.append(run_stage(work, args.overrides))
         r = sorted(rs, key=lambda x: x["metrics"]["seconds"])[len(rs) // 2]  # the median run
         seconds = r["metrics"]["seconds"]
+        each = ", ".join(f"{x['metrics']['seconds']:.2f}" for x in rs)
         print(f"\n{cache} cache, rank {r['metrics']['rank']}, median of {args.repeat}:")
         print(
             f"  extract: {seconds:.2f} s = {seconds / against:.2f} x the {cache} read floor "
-            f"(runs: {', '.join(f'{x["metrics"]["seconds"]:.2f}' for x in rs)} s; process wall {r['wall']:.2f} s: "
+            f"(runs: {each} s; process wall {r['wall']:.2f} s: "
             f"{r['wall'] - seconds:.2f} s of start-up, planning and writing)"
         )
         print(f"  per layer: {seconds / args.layers:.3f} s; 32 layers: {32 * seconds / args.layers:.1f} s")
