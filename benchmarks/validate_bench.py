@@ -55,7 +55,6 @@ def main() -> None:
         f"model_a={dir_a}",
         f"model_b={dir_b}",
         "extract.rank=16",
-        "extract.svd.check_samples=0",
         *(f"paths.{k}={work / 'run' / k}" for k in asdict(Paths())),
         *args.overrides,
     ]
