@@ -148,7 +148,7 @@ def test_markdown_carries_the_runs_numbers(paper: tuple[Path, Path]) -> None:
         "33.6 MiB",
         f"{os.cpu_count()} CPU cores",
         "model.layers.1.self_attn.v_proj.weight",
-        "`model.embed_tokens.weight` (0.5000 at rank 4; the target\n  0.9 needs rank 210)",
+        "`model.embed_tokens.weight` (0.5000 at rank 4; the target\n  0.9 needs rank ≥ 210)",
         "at most 3.20 × 10⁻⁷ more",
     ):
         assert expected in text, expected

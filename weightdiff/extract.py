@@ -88,7 +88,7 @@ def extract(
     rank = method.rank if method.policy == "fixed" or not targets.ranks else max(targets.ranks.values())
     reasons |= {name: u.reason for u in plan if u.reason for name in u.tensors}
     metrics = summary(reports, method, rank) | {
-        "diagnosis": diagnosis(reports, method, readers),
+        "diagnosis": diagnosis(reports, method),
         "left_out": left_out(reports, reasons),
     }
     in_adapter = [u for i, u in enumerate(plan) if results[i][1]]
