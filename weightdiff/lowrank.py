@@ -76,9 +76,10 @@ def randomized_svd(
     for p in range(1, 1 + 2 * (MAX_POWER_ITERS if auto else int(power_iters))):
         narrow = basis.to(ranged.dtype)
         product = pass_over(ranged, narrow, right).to(M.dtype)
-        basis, right = torch.linalg.qr(product).Q, not right
+        basis, R = torch.linalg.qr(product)
+        right = not right
         if auto and p >= 2:
-            energy = captured_energy(product, narrow, rank)
+            energy = captured_energy(R, narrow, rank)
             if captured is not None and bool(((energy - captured) <= least_gain * energy).all()):
                 break
             captured = energy
@@ -99,16 +100,17 @@ def pass_over(M: torch.Tensor, basis: torch.Tensor, right: bool) -> torch.Tensor
     return M @ basis if right else (basis.mT @ M).mT
 
 
-def captured_energy(product: torch.Tensor, basis: torch.Tensor, rank: int) -> torch.Tensor:
-    """Σ of the top `rank` σ² of ΔW projected on span(basis), from product = ΔW·basis (or its transposed pass).
+def captured_energy(R: torch.Tensor, basis: torch.Tensor, rank: int) -> torch.Tensor:
+    """Σ of the top `rank` σ² of ΔW projected on span(basis), from the R of the QR of product = ΔW·basis (or of its
+    transposed pass): product has R's singular values, and only q×q matrices are touched.
 
     The bf16 basis is orthonormal only to ~4e-3; its Gram's Cholesky factor L makes basis·L⁻ᵀ exactly so, and
     product·L⁻ᵀ the projection on it: without it the estimate would wander by ~1e-2 from pass to pass.
     """
-    wide = basis.to(product.dtype)
+    wide = basis.to(R.dtype)
     L = torch.linalg.cholesky(wide.mT @ wide)
-    orthonormal = torch.linalg.solve_triangular(L, product.mT, upper=False).mT
-    return torch.linalg.svdvals(orthonormal)[..., :rank].double().square().sum(-1)
+    projected = torch.linalg.solve_triangular(L, R.mT, upper=False).mT  # R·L⁻ᵀ
+    return torch.linalg.svdvals(projected)[..., :rank].double().square().sum(-1)
 
 
 def exact_svd(M: torch.Tensor, rank: int) -> Truncated:
