@@ -76,7 +76,7 @@ def randomized_svd(
     for p in range(1, 1 + 2 * (MAX_POWER_ITERS if auto else int(power_iters))):
         narrow = basis.to(ranged.dtype)
         product = pass_over(ranged, narrow, right).to(M.dtype)
-        basis, R = torch.linalg.qr(product)
+        basis, R = cholesky_qr(product)
         right = not right
         if auto and p >= 2:
             energy = captured_energy(R, narrow, rank)
@@ -98,6 +98,17 @@ def pass_over(M: torch.Tensor, basis: torch.Tensor, right: bool) -> torch.Tensor
     """M·basis for a row-space basis, Mᵀ·basis for a column-space one, the latter as (basisᵀ·M)ᵀ: on CPUs that
     orientation of the product is the faster one, in fp32 and bf16 alike."""
     return M @ basis if right else (basis.mT @ M).mT
+
+
+def cholesky_qr(product: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, R) of product [..., m, q] from the Cholesky factor of its Gram: a fifth of Householder QR's time at a
+    range pass's shapes, and orthonormal to ~κ²·1e-7, ample for a basis rounded to bf16 next. Householder where
+    the Gram is not positive definite in fp32 (directions at the rounding level, a zero delta)."""
+    L, info = torch.linalg.cholesky_ex((product.mT @ product).double())
+    if bool((info != 0).any()):
+        return torch.linalg.qr(product)
+    L = L.to(product.dtype)
+    return torch.linalg.solve_triangular(L, product.mT, upper=False).mT, L.mT
 
 
 def captured_energy(R: torch.Tensor, basis: torch.Tensor, rank: int) -> torch.Tensor:
