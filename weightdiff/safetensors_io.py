@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from weightdiff.errors import WeightdiffError
+from weightdiff.quantization import FP8, SCALE, Fp8Blocks
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -69,10 +70,21 @@ def index_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def quantization(model_dir: Path) -> Fp8Blocks | None:
+    """How the checkpoint's weights are quantized, from its config.json (None: they are not, or it has none)."""
+    path = model_dir / "config.json"
+    return Fp8Blocks.of(path, model_config(model_dir)) if path.is_file() else None
+
+
 def tensor_infos(model_dir: Path) -> dict[str, TensorInfo]:
-    """Name, shard, dtype and shape of every tensor, read from the headers alone."""
+    """Name, shard, dtype and shape of every tensor of the model, read from the headers alone: a quantized
+    checkpoint's scale companions are not among them."""
     by_shard: dict[str, list[str]] = {}
-    for name, shard in shard_map(model_dir).items():
+    shards = shard_map(model_dir)
+    hidden = Fp8Blocks.companions(shards) if quantization(model_dir) else set()
+    for name, shard in shards.items():
+        if name in hidden:
+            continue
         by_shard.setdefault(shard, []).append(name)
     infos = {}
     for shard, names in sorted(by_shard.items()):
@@ -96,6 +108,7 @@ class TensorReader:
     def __init__(self, model_dir: Path):
         self.model_dir = model_dir
         self.shards = shard_map(model_dir)
+        self.quantization = quantization(model_dir)
         self._open: dict[str, object] = {}
 
     def __enter__(self) -> TensorReader:
@@ -108,10 +121,23 @@ class TensorReader:
         self._open.clear()
 
     def get(self, name: str) -> torch.Tensor:
-        return self._read(name, lambda f: f.get_tensor(name))
+        """The tensor as the model uses it: a quantized weight dequantized to fp32 with its scales."""
+        stored = self._read(name, lambda f: f.get_tensor(name))
+        if self.quantization is not None and name + SCALE in self.shards:
+            scale = self._read(name + SCALE, lambda f: f.get_tensor(name + SCALE))
+            return self.quantization.dequantized(name, stored, scale, self.model_dir / self.shards[name])
+        if stored.dtype in FP8:
+            raise WeightdiffError(
+                f"{self.model_dir / self.shards[name]}: tensor {name} is float8 without a {SCALE} scale or an fp8 "
+                "quantization_config in config.json: its values are not the weights"
+            )
+        return stored
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows start…stop of a tensor, read alone: a slice of a 2 GB embedding costs only that slice."""
+        """Rows start…stop of a tensor, read alone: a slice of a 2 GB embedding costs only that slice (a quantized
+        one is dequantized whole first: its scales come in blocks of rows)."""
+        if self.quantization is not None and name + SCALE in self.shards:
+            return self.get(name)[start:stop]
         return self._read(name, lambda f: f.get_slice(name)[start:stop])
 
     def _read(self, name: str, read) -> torch.Tensor:
