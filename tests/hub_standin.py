@@ -70,6 +70,16 @@ def commit(
     return sha
 
 
+_SHA256: dict[bytes, str] = {}  # keyed by the bytes themselves: Python caches a bytes object's hash
+
+
+def sha256_of(data: bytes) -> str:
+    """sha256 of a file's bytes, hashed once: streamed reads ask the CDN for one blob hundreds of times."""
+    if data not in _SHA256:
+        _SHA256[data] = hashlib.sha256(data).hexdigest()
+    return _SHA256[data]
+
+
 def git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -124,7 +134,7 @@ class StandinHub:
         for commits in self.repos.values():
             for c in commits.values():
                 for name, data in c["files"].items():
-                    if is_lfs(name) and hashlib.sha256(data).hexdigest() == sha256:
+                    if is_lfs(name) and sha256_of(data) == sha256:
                         return name, data
         return None
 
@@ -149,7 +159,7 @@ class StandinHub:
 def tree_entry(name: str, data: bytes) -> dict:
     entry = {"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": name}
     if is_lfs(name):
-        entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": LFS_POINTER_SIZE}
+        entry["lfs"] = {"oid": sha256_of(data), "size": len(data), "pointerSize": LFS_POINTER_SIZE}
     return entry
 
 
@@ -305,7 +315,7 @@ def make_handler(hub: StandinHub, cdn: bool) -> type[BaseHTTPRequestHandler]:
                 raise HubError(404, "EntryNotFound", f"Entry not found: {filename}", {"X-Repo-Commit": sha})
             data = files[filename]
             if is_lfs(filename):
-                sha256 = hashlib.sha256(data).hexdigest()
+                sha256 = sha256_of(data)
                 return (
                     302,
                     {

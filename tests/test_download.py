@@ -51,9 +51,13 @@ def model_files(seed: int, **extra: bytes) -> dict[str, bytes]:
     }
 
 
-def config(cache: Path, model_a: str, model_b: str):
+def config(cache: Path, model_a: str, model_b: str, mode: str = "fetch"):
     return OmegaConf.create(
-        {"model_a": model_a, "model_b": model_b, "download": {"cache_dir": str(cache), "allow_patterns": PATTERNS}}
+        {
+            "model_a": model_a,
+            "model_b": model_b,
+            "download": {"mode": mode, "cache_dir": str(cache), "allow_patterns": PATTERNS},
+        }
     )
 
 

@@ -18,6 +18,7 @@ import json
 import re
 import shutil
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 from huggingface_hub import HfApi, snapshot_download
@@ -31,7 +32,8 @@ except ImportError:
 
 from weightdiff.errors import WeightdiffError
 from weightdiff.files import existing_ancestor
-from weightdiff.settings import DemoSettings, Settings, plain
+from weightdiff.remote import RemoteRepo, is_remote, write_remote
+from weightdiff.settings import DemoSettings, DownloadMode, Settings, plain
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -101,8 +103,63 @@ def resolve(source: Source, cfg: Settings) -> dict:
     if source.kind == "local":
         path = Path(source.ref)
         return {"kind": "local", "path": str(path), "revision": None, "files": file_list(path, with_mtime=True)}
+    if cfg.download.mode == DownloadMode.stream:
+        path, files = streamed_snapshot(source, cfg)
+        return {"kind": "hub", "mode": "stream", "path": str(path), "revision": path.name, "files": files}
     path = cached_snapshot(source, cfg) if hf_constants.HF_HUB_OFFLINE else hub_snapshot(source, cfg)
-    return {"kind": "hub", "path": str(path), "revision": path.name, "files": file_list(path, with_mtime=False)}
+    return {
+        "kind": "hub",
+        "mode": "fetch",
+        "path": str(path),
+        "revision": path.name,
+        "files": file_list(path, with_mtime=False),
+    }
+
+
+def streamed_snapshot(source: Source, cfg: Settings) -> tuple[Path, list[dict]]:
+    """A directory named by the commit sha with the repo's small files and remote.json, the shards' headers
+    (weightdiff.remote), and the manifest's file list: the same names and sizes a fetched snapshot gives, so a
+    streamed and a fetched run share their resume store and write the same adapter.
+
+    Nothing is fetched twice: the small files are skipped by huggingface_hub when present, and the headers of a
+    commit never change, so an existing remote.json is kept.
+    """
+    if hf_constants.HF_HUB_OFFLINE:
+        raise WeightdiffError(
+            f"{source.ref}: download.mode=stream reads every tensor from the Hub, and HF_HUB_OFFLINE is set; "
+            "unset it, or use download.mode=fetch to work from the local cache"
+        )
+    sha = hub_commit(source)
+    sizes = hub_file_sizes(source, sha, cfg)
+    shards = {n: size for n, size in sizes.items() if n.endswith(".safetensors")}
+    directory = cache_root(cfg) / "weightdiff-stream" / ("models--" + source.ref.replace("/", "--")) / sha
+    try:
+        snapshot_download(
+            source.ref,
+            revision=sha,
+            allow_patterns=sorted(sizes.keys() - shards.keys()),
+            cache_dir=cfg.download.cache_dir,
+            local_dir=directory,
+        )
+        if not is_remote(directory):
+            write_remote(directory, RemoteRepo(source.ref, sha, hf_constants.ENDPOINT), shards)
+    except HUB_ERRORS as e:
+        raise WeightdiffError(f"download of the small files and headers of {source.ref}@{sha} failed: {e}") from e
+    used = sorted(n for n in sizes if any(fnmatch(n, pattern) for pattern in USED_FILES))
+    return directory, [{"name": n, "size": sizes[n]} for n in used]
+
+
+def hub_file_sizes(source: Source, sha: str, cfg: Settings) -> dict[str, int]:
+    """Name → size of the repo's top-level files at commit sha that download.allow_patterns admits."""
+    try:
+        info = HfApi().model_info(source.ref, revision=sha, files_metadata=True)
+    except HUB_ERRORS as e:
+        raise WeightdiffError(f"cannot list the files of {source.ref}@{sha} ({type(e).__name__}: {e})") from e
+    return {
+        s.rfilename: s.size or 0
+        for s in info.siblings or []
+        if "/" not in s.rfilename and any(fnmatch(s.rfilename, p) for p in cfg.download.allow_patterns)
+    }
 
 
 def hub_snapshot(source: Source, cfg: Settings) -> Path:
@@ -218,6 +275,6 @@ def check_free_space(sources: list[Source], cfg: Settings) -> None:
 def manifest(cfg: Settings) -> dict:
     sources = {side: parse_source(getattr(cfg, side)) for side in ("model_a", "model_b")}
     hub = [s for s in sources.values() if s.kind == "hub"]
-    if hub and not hf_constants.HF_HUB_OFFLINE:
+    if hub and not hf_constants.HF_HUB_OFFLINE and cfg.download.mode == DownloadMode.fetch:
         check_free_space(hub, cfg)
     return {side: {"source": getattr(cfg, side)} | resolve(source, cfg) for side, source in sources.items()}

@@ -1,7 +1,9 @@
 """Reading checkpoint directories: config.json, header-only views of safetensors shards, tensor-at-a-time reads.
 
 Everything goes through `safetensors.safe_open`, which parses the header and memory-maps the data: a
-tensor is read only when asked for, so a 47 GB shard costs no more memory than its largest tensor.
+tensor is read only when asked for, so a 47 GB shard costs no more memory than its largest tensor. A streamed
+checkpoint (download.mode=stream) has no shards on disk: weightdiff.remote stands in for safe_open, reading each
+tensor's bytes from the Hub.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from safetensors import safe_open
 
 from weightdiff.errors import WeightdiffError
 from weightdiff.quantization import FP8, SCALE, Fp8Blocks
+from weightdiff.remote import RemoteShards, is_remote
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -40,16 +43,24 @@ def shard_map(model_dir: Path) -> dict[str, str]:
     index = model_dir / INDEX_FILE
     if index.is_file():
         weight_map = index_weight_map(index)
+        present = shard_files(model_dir)
         for shard in sorted(set(weight_map.values())):
-            if not (model_dir / shard).is_file():
+            if shard not in present:
                 raise WeightdiffError(f"{index} lists shard {shard}, which is missing from {model_dir}")
         return dict(weight_map)
-    shards = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    shards = sorted(shard_files(model_dir))
     if not shards:
         raise WeightdiffError(f"no *.safetensors in {model_dir} (pickle checkpoints are not read)")
     if len(shards) > 1:
         raise WeightdiffError(f"{model_dir} has {len(shards)} safetensors files but no {INDEX_FILE}")
-    return {name: shards[0] for name in _open(model_dir / shards[0]).keys()}
+    return {name: shards[0] for name in _open(model_dir, shards[0]).keys()}
+
+
+def shard_files(model_dir: Path) -> set[str]:
+    """The checkpoint's safetensors files: in the directory, or on the Hub for a streamed one (remote.json)."""
+    if is_remote(model_dir):
+        return set(RemoteShards.of(model_dir).shards)
+    return {p.name for p in model_dir.glob("*.safetensors")}
 
 
 def index_weight_map(index: Path) -> dict[str, str]:
@@ -88,7 +99,7 @@ def tensor_infos(model_dir: Path) -> dict[str, TensorInfo]:
         by_shard.setdefault(shard, []).append(name)
     infos = {}
     for shard, names in sorted(by_shard.items()):
-        f = _open(model_dir / shard)
+        f = _open(model_dir, shard)
         present = set(f.keys())
         for name in names:
             if name not in present:
@@ -133,6 +144,10 @@ class TensorReader:
             )
         return stored
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape `get` gives, from the header alone: a streamed tensor is not fetched for it."""
+        return tuple(self._read(name, lambda f: f.get_slice(name).get_shape()))
+
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows start…stop of a tensor, read alone: a slice of a 2 GB embedding costs only that slice (a quantized
         one is dequantized whole first: its scales come in blocks of rows)."""
@@ -145,14 +160,18 @@ class TensorReader:
             raise WeightdiffError(f"tensor {name} is not in {self.model_dir}")
         shard = self.shards[name]
         if shard not in self._open:
-            self._open[shard] = _open(self.model_dir / shard)
+            self._open[shard] = _open(self.model_dir, shard)
         try:
             return read(self._open[shard])
         except Exception as e:  # safetensors raises its own error types and OSError for truncated data
             raise WeightdiffError(f"{self.model_dir / shard}: cannot read tensor {name}: {e}") from e
 
 
-def _open(path: Path):
+def _open(model_dir: Path, shard: str):
+    """The shard as safetensors.safe_open opens it, or its stand-in reading byte ranges from the Hub."""
+    if is_remote(model_dir):
+        return RemoteShards.of(model_dir).open(shard)
+    path = model_dir / shard
     try:
         return safe_open(str(path), framework="pt")
     except Exception as e:  # SafetensorError, OSError: all mean the file cannot be used

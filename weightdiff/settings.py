@@ -28,6 +28,11 @@ class Choice(str, Enum):
         return format(self.value, spec)
 
 
+class DownloadMode(Choice):
+    fetch = "fetch"
+    stream = "stream"
+
+
 class RankPolicy(Choice):
     fixed = "fixed"
     energy = "energy"
@@ -114,6 +119,11 @@ def fail(key: str, value: Any, expected: str) -> WeightdiffError:
 
 @dataclass
 class DownloadSettings:
+    mode: DownloadMode = helped(
+        DownloadMode.fetch,
+        "Hub sources: fetch copies the weights into the cache; stream keeps only config, tokenizer and the "
+        "safetensors headers, and extract/validate read each tensor's bytes from the Hub at the pinned commit",
+    )
     cache_dir: str | None = helped(None, "where Hub snapshots and the demo pair live; null: HF_HUB_CACHE")
     allow_patterns: list[str] = helped(
         [

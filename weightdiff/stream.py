@@ -108,7 +108,7 @@ SKETCHED = ("lora", "lora_embedding")  # actions whose SVD takes its one matrix'
 
 def read_unit(unit: Unit, reader_a: TensorReader, reader_b: TensorReader, rms: bool, space: Workspace) -> list[Delta]:
     try:
-        shapes = [reader_b.get(name).shape for name in unit.tensors]
+        shapes = [reader_b.shape(name) for name in unit.tensors]
         outs = space.views(shapes)
         sketches: list[torch.Tensor | None] = [None] * len(shapes)
         if unit.action in SKETCHED:  # the weight's, not the bias's

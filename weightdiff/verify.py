@@ -8,16 +8,26 @@ from collections.abc import Collection
 from pathlib import Path
 
 from weightdiff.errors import WeightdiffError
+from weightdiff.remote import REMOTE_FILE, RemoteShards
 from weightdiff.safetensors_io import TensorInfo, model_config, tensor_infos
 
 log = logging.getLogger(__name__)
 
 
 def check_files(entry: dict) -> None:
-    """The manifest's files must still be there, as they were: weights are not tracked by DVC."""
+    """The manifest's files must still be there, as they were: weights are not tracked by DVC. A streamed
+    checkpoint's shards are on the Hub, pinned by the commit: their headers must be the ones listed."""
     root = Path(entry["path"])
+    streamed = RemoteShards.of(root).shards if entry.get("mode") == "stream" else {}
     for f in entry["files"]:
         p = root / f["name"]
+        if f["name"] in streamed:
+            if streamed[f["name"]].size != f["size"]:
+                raise WeightdiffError(
+                    f"{root / REMOTE_FILE} gives {f['name']} {streamed[f['name']].size} bytes, the manifest says "
+                    f"{f['size']}: rerun the download stage (dvc repro -f -s download)"
+                )
+            continue
         if not p.is_file():
             raise WeightdiffError(
                 f"{p} is missing (listed in the manifest of {entry['source']}): "
