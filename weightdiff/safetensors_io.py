@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
 
 from weightdiff.errors import WeightdiffError
-from weightdiff.quantization import FP8, SCALE, Fp8Blocks
+from weightdiff.fp8 import FP8, SCALE
+from weightdiff.quantization import Scheme, scheme_of
 from weightdiff.remote import RemoteShards, is_remote
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -81,23 +83,20 @@ def index_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def quantization(model_dir: Path) -> Fp8Blocks | None:
+def quantization(model_dir: Path) -> Scheme | None:
     """How the checkpoint's weights are quantized, from its config.json (None: they are not, or it has none)."""
     path = model_dir / "config.json"
-    return Fp8Blocks.of(path, model_config(model_dir)) if path.is_file() else None
+    return scheme_of(path, model_config(model_dir)) if path.is_file() else None
 
 
 def tensor_infos(model_dir: Path) -> dict[str, TensorInfo]:
     """Name, shard, dtype and shape of every tensor of the model, read from the headers alone: a quantized
-    checkpoint's scale companions are not among them."""
+    tensor as the dtype and shape it stands for, its stored parts (packed values, scales) not among them."""
     by_shard: dict[str, list[str]] = {}
-    shards = shard_map(model_dir)
-    hidden = Fp8Blocks.companions(shards) if quantization(model_dir) else set()
+    shards, scheme = shard_map(model_dir), quantization(model_dir)
     for name, shard in shards.items():
-        if name in hidden:
-            continue
         by_shard.setdefault(shard, []).append(name)
-    infos = {}
+    stored = {}
     for shard, names in sorted(by_shard.items()):
         f = _open(model_dir, shard)
         present = set(f.keys())
@@ -105,7 +104,16 @@ def tensor_infos(model_dir: Path) -> dict[str, TensorInfo]:
             if name not in present:
                 raise WeightdiffError(f"{model_dir / INDEX_FILE} puts {name} in {shard}, which does not hold it")
             sl = f.get_slice(name)
-            infos[name] = TensorInfo(shard, sl.get_dtype(), tuple(sl.get_shape()))
+            stored[name] = TensorInfo(shard, sl.get_dtype(), tuple(sl.get_shape()))
+    if scheme is None:
+        return stored
+    quantized = scheme.parts(shards, model_dir)
+    stored_parts = {p for parts in quantized.values() for p in parts.values()}
+    infos = {n: i for n, i in stored.items() if n not in stored_parts}
+    for name, parts in quantized.items():
+        shard = stored[next(iter(parts.values()))].shard
+        headers = {role: (stored[p].dtype, stored[p].shape) for role, p in parts.items()}
+        infos[name] = TensorInfo(shard, *scheme.header(name, headers, model_dir / shard))
     return infos
 
 
@@ -120,6 +128,9 @@ class TensorReader:
         self.model_dir = model_dir
         self.shards = shard_map(model_dir)
         self.quantization = quantization(model_dir)
+        self.quantized = self.quantization.parts(self.shards, model_dir) if self.quantization else {}
+        for name, parts in self.quantized.items():  # where a message about the tensor points: its first part's shard
+            self.shards.setdefault(name, self.shards[next(iter(parts.values()))])
         self._open: dict[str, object] = {}
 
     def __enter__(self) -> TensorReader:
@@ -132,11 +143,11 @@ class TensorReader:
         self._open.clear()
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor as the model uses it: a quantized weight dequantized to fp32 with its scales."""
+        """The tensor as the model uses it: a quantized weight dequantized to fp32 from its stored parts."""
+        if self.quantization is not None and name in self.quantized:
+            parts = {role: self._read(p, lambda f, p=p: f.get_tensor(p)) for role, p in self.quantized[name].items()}
+            return self.quantization.dequantized(name, parts, self.model_dir / self.shards[name])
         stored = self._read(name, lambda f: f.get_tensor(name))
-        if self.quantization is not None and name + SCALE in self.shards:
-            scale = self._read(name + SCALE, lambda f: f.get_tensor(name + SCALE))
-            return self.quantization.dequantized(name, stored, scale, self.model_dir / self.shards[name])
         if stored.dtype in FP8:
             raise WeightdiffError(
                 f"{self.model_dir / self.shards[name]}: tensor {name} is float8 without a {SCALE} scale or an fp8 "
@@ -146,12 +157,20 @@ class TensorReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape `get` gives, from the header alone: a streamed tensor is not fetched for it."""
+        if self.quantization is not None and name in self.quantized:
+            headers = {role: self._header(p) for role, p in self.quantized[name].items()}
+            return self.quantization.header(name, headers, self.model_dir / self.shards[name])[1]
         return tuple(self._read(name, lambda f: f.get_slice(name).get_shape()))
+
+    def _header(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(dtype, shape) of a stored tensor, from its header."""
+        header = cast(Any, self._read(name, lambda f: f.get_slice(name)))
+        return header.get_dtype(), tuple(header.get_shape())
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows start…stop of a tensor, read alone: a slice of a 2 GB embedding costs only that slice (a quantized
         one is dequantized whole first: its scales come in blocks of rows)."""
-        if self.quantization is not None and name + SCALE in self.shards:
+        if name in self.quantized:
             return self.get(name)[start:stop]
         return self._read(name, lambda f: f.get_slice(name)[start:stop])
 
