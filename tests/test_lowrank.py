@@ -29,6 +29,17 @@ def test_randomized_matches_exact_singular_values(shape):
     torch.testing.assert_close(fast.U * fast.S @ fast.Vh, exact.U * exact.S @ exact.Vh, rtol=0, atol=2e-3)
 
 
+@pytest.mark.parametrize("method", ["randomized", "exact"])
+def test_the_spectrum_past_the_rank_reaches_the_width_asked_and_bounds_the_exact_one_from_below(method):
+    M = low_rank_plus_noise(256, 192, r=64, noise=0.01)
+    exact = torch.linalg.svdvals(M)
+    t = svd(M, 16, method, 10, 2, 0, 1e-4, width=32)
+    assert t.beyond is not None and t.beyond.shape == (16,)
+    assert bool((t.beyond <= exact[16:32] * (1 + 1e-5)).all())  # interlacing: a projection's σ are no larger
+    torch.testing.assert_close(t.beyond[:4], exact[16:20], rtol=2e-2, atol=0)  # the first ones close to exact
+    assert svd(M, 16, method, 10, 2, 0, 1e-4).beyond.numel() == 0  # nothing past the rank unless asked
+
+
 def test_randomized_is_deterministic_for_a_seed_and_varies_with_it():
     M = low_rank_plus_noise(64, 64, r=64, noise=0.5)
     a, b = truncated_svd(M, 8, seed=1), truncated_svd(M, 8, seed=1)

@@ -54,6 +54,24 @@ def test_low_rank_loses_measurable_fidelity(tiny_pair, tmp_path, cfg):
     assert 1e-4 < result["kl_adapted"] < result["kl_base"]
 
 
+def test_the_energy_curve_shows_what_doubling_the_rank_would_keep(tiny_pair, tmp_path, cfg):
+    """Two LoRA r=8 fine-tunes differ by rank ≤ 16: at rank 8 the curve must reach 16 and find nearly all there."""
+    from weightdiff.metrics import energy_curves
+
+    _, metrics, reports = run_extract(*tiny_pair, tmp_path / "adapter", cfg, rank=8)
+    curve = energy_curves(reports, metrics["rank_max"])
+    assert [row["rank"] for row in curve] == list(range(1, 17))
+    assert curve[7]["energy"] == pytest.approx(metrics["energy"], rel=1e-9) and metrics["energy"] < 0.95
+    assert curve[15]["energy"] > 0.9999
+    energies = [row["energy"] for row in curve]
+    assert energies == sorted(energies)
+    a, b = (load_file(d / "model.safetensors") for d in tiny_pair)
+    report = next(r for r in reports if r["name"].endswith("layers.0.mlp.down_proj.weight"))
+    exact = torch.linalg.svdvals(b[report["name"]].float() - a[report["name"]].float())
+    beyond = torch.tensor(report["singular_values_beyond"])
+    assert len(beyond) == 8 and bool((beyond <= exact[8:16] * (1 + 1e-5)).all())
+
+
 def test_zero_delta_tensor_is_skipped_and_the_adapter_still_loads_cleanly(tiny_pair, tmp_path, cfg):
     dir_a, dir_b = tiny_pair
     a = load_file(dir_a / "model.safetensors")

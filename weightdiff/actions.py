@@ -55,6 +55,7 @@ def extracted(r: TensorReport, low: LowRank, floor: float | None) -> TensorRepor
         "energy_bound": low.energy_bounds()[0].item(),
         "rel_error": low.rel_errors()[0].item(),
         "singular_values": low.S[0].tolist(),
+        "singular_values_beyond": low.spectrum[0, low.rank :].tolist(),
     }
     return r if floor is None else r | {"noise_floor": floor}
 
@@ -171,6 +172,7 @@ def lora_experts(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str,
         "energy_bound": min(1.0, (low.S.double().square().sum() + low.outside().sum()).item() / norm**2),
         "rel_error": low.errors.norm().item() / norm,
         "singular_values": low.S.square().sum(0).sqrt().tolist(),
+        "singular_values_beyond": low.spectrum[:, low.rank :].square().sum(0).sqrt().tolist(),
         "experts": per_expert,
     }
     if floor is not None:

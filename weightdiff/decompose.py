@@ -9,6 +9,7 @@ PEFT's one r per parameter needs.
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class LowRank:
     errors: torch.Tensor  # [E] ‖ΔW[e] − scaling·B[e]·A[e]‖_F, fp64
     scaling: float
     spanned: torch.Tensor  # [E] ‖ΔW[e]‖² inside the span of the SVD's final sketch (all of it for an exact SVD)
+    spectrum: torch.Tensor  # [E, w] every singular value the SVD found, descending: the kept ones, then past them
 
     @property
     def rank(self) -> int:
@@ -116,9 +118,13 @@ class Method:
         return 1.0 if self.alpha is None else self.alpha / rank
 
     def svd_of(self, M: torch.Tensor, rank: int, seed: int, sketch: torch.Tensor | None = None) -> Truncated:
+        """The SVD at `rank`, and its spectrum on to svd.curve_to × the configured rank (the energy curve's reach)."""
         s = self.svd
         on_device = None if sketch is None else sketch.to(self.device)
-        return truncated_svd(M.to(self.device), rank, s.method, s.oversample, s.power_iters, seed, s.tol, on_device)
+        width = min(math.ceil(s.curve_to * self.rank), *M.shape[-2:])
+        return truncated_svd(
+            M.to(self.device), rank, s.method, s.oversample, s.power_iters, seed, s.tol, on_device, width
+        )
 
     def decompose(
         self,
@@ -162,7 +168,8 @@ class Method:
             )
         errors = reconstruction_errors(stack.mT if transposed else stack, *exact, (B, A), kept, norms, scaling)
         spanned = norms.square() if full.spanned is None else full.spanned.cpu().reshape(-1)
-        return LowRank(ranks, B, A, kept, norms, errors, scaling, spanned)
+        spectrum = S if full.beyond is None else torch.cat([S, full.beyond.cpu().reshape(len(S), -1)], -1)
+        return LowRank(ranks, B, A, kept, norms, errors, scaling, spanned, spectrum)
 
     def reference_energy(self, delta: Delta, A: torch.Tensor) -> float:
         """The energy at A's rank after one more power iteration, in fp32, from the extraction's own row space (A's,

@@ -112,7 +112,8 @@ def module_type_curves(energy_curve: list[dict]) -> dict[str, list[float]]:
 
 
 def energy_figure(energy_curve: list[dict], adapter: dict) -> Figure:
-    """Energy kept vs rank, global and per module type, with the adapter's r marked: how low-rank ΔW really is.
+    """Energy kept vs rank, global and per module type, with the adapter's r marked: how low-rank ΔW really is, and
+    past r (dotted: the randomized SVD's lower bounds) what a larger rank would keep, with 2r marked.
 
     Under an adaptive rank policy the adapter is not a point of these fixed-rank curves; it is drawn as its own
     point, at its mean module rank and the energy it keeps.
@@ -120,11 +121,39 @@ def energy_figure(energy_curve: list[dict], adapter: dict) -> Figure:
     ranks = [row["rank"] for row in energy_curve]
     r = int(adapter["rank"])
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    within = [k <= r for k in ranks]
     for module_type, curve in module_type_curves(energy_curve).items():
-        ax.plot(ranks, curve, linewidth=1, alpha=0.8, label=module_type)
-    ax.plot(ranks, [row["energy"] for row in energy_curve], color="black", linewidth=2.5, label="all targets")
+        (line,) = ax.plot(ranks[: sum(within)], curve[: sum(within)], linewidth=1, alpha=0.8, label=module_type)
+        ax.plot(
+            ranks[sum(within) - 1 :],
+            curve[sum(within) - 1 :],
+            linewidth=1,
+            alpha=0.8,
+            linestyle=":",
+            color=line.get_color(),
+        )
+    total = [row["energy"] for row in energy_curve]
+    ax.plot(ranks[: sum(within)], total[: sum(within)], color="black", linewidth=2.5, label="all targets")
+    if not all(within):
+        ax.plot(
+            ranks[sum(within) - 1 :],
+            total[sum(within) - 1 :],
+            color="black",
+            linewidth=2.5,
+            linestyle=":",
+            label="past r (at least)",
+        )
     ax.axvline(r, color="gray", linestyle="--", linewidth=1)
-    if adapter["rank_policy"] == "fixed":  # r is the curve's last point: label to its left
+    if 2 * r in ranks:
+        _mark(
+            ax,
+            2 * r,
+            energy_at(energy_curve, 2 * r),
+            f"2r = {2 * r}: ≥ {energy_at(energy_curve, 2 * r):.6g}",
+            "o",
+            left=True,
+        )
+    if adapter["rank_policy"] == "fixed":
         _mark(ax, r, energy_at(energy_curve, r), f"r = {r}: {energy_at(energy_curve, r):.6g}", "o", left=True)
     else:
         _mark(

@@ -27,6 +27,9 @@ class Truncated:
     S: torch.Tensor  # [..., r], descending
     Vh: torch.Tensor  # [..., r, in]
     spanned: torch.Tensor | None = None  # [...] ‖ΔW‖² inside the final sketch's span (None: an exact SVD)
+    # [..., k] the next singular values past the rank, as far as the SVD saw: a randomized sketch's are each a lower
+    # bound on ΔW's own (the projection's singular values interlace ΔW's), an exact SVD's are ΔW's
+    beyond: torch.Tensor | None = None
 
 
 MAX_POWER_ITERS = 10  # what power_iters=auto may spend on a delta whose spectrum decays slowly
@@ -45,6 +48,7 @@ def randomized_svd(
     tol: float = 1e-4,
     sketch: torch.Tensor | None = None,
     start: torch.Tensor | None = None,
+    width: int = 0,
 ) -> Truncated:
     """Halko et al.'s algorithm 4.4: passes over ΔW that alternate sides, the early ones on a bf16 copy.
 
@@ -62,9 +66,10 @@ def randomized_svd(
     bf16 passes, a full fine-tune's slowly decaying spectrum the passes it needs.
 
     `start` [..., n, k ≤ q]: row-space directions the first pass begins from, Gaussian columns filling the rest.
+    `width`: singular values wanted in all (rank and `beyond`), when more than rank + oversample: the sketch widens.
     """
     *batch, m, n = M.shape
-    q = min(-(-(rank + oversample) // 8) * 8, m, n)  # kernels take a width that is a multiple of 8 faster
+    q = min(-(-max(rank + oversample, width) // 8) * 8, m, n)  # kernels take a width that is a multiple of 8 faster
     ranged = M.to(torch.bfloat16) if sketch is None else sketch
     auto = power_iters == "auto"
     least_gain = max(tol, SKETCH_RESOLUTION)
@@ -91,7 +96,7 @@ def randomized_svd(
         Ub, S, Vh = torch.linalg.svd(pass_over(M, basis, right).mT, full_matrices=False)  # M ≈ basis·(basisᵀ·M)
         U = basis @ Ub
     spanned = S.double().square().sum(-1)
-    return Truncated(U[..., :rank], S[..., :rank], Vh[..., :rank, :], spanned)
+    return Truncated(U[..., :rank], S[..., :rank], Vh[..., :rank, :], spanned, S[..., rank : max(rank, width)])
 
 
 def pass_over(M: torch.Tensor, basis: torch.Tensor, right: bool) -> torch.Tensor:
@@ -124,9 +129,10 @@ def captured_energy(R: torch.Tensor, basis: torch.Tensor, rank: int) -> torch.Te
     return torch.linalg.svdvals(projected)[..., :rank].double().square().sum(-1)
 
 
-def exact_svd(M: torch.Tensor, rank: int) -> Truncated:
+def exact_svd(M: torch.Tensor, rank: int, width: int = 0) -> Truncated:
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    return Truncated(U[..., :rank], S[..., :rank], Vh[..., :rank, :])  # spanned None: all of M is
+    # spanned None: all of M is
+    return Truncated(U[..., :rank], S[..., :rank], Vh[..., :rank, :], beyond=S[..., rank : max(rank, width)])
 
 
 def truncated_svd(
@@ -138,12 +144,15 @@ def truncated_svd(
     seed: int,
     tol: float,
     sketch: torch.Tensor | None = None,
+    width: int = 0,
 ) -> Truncated:
     """The top-`rank` SVD of M (fp32), or of each matrix of a stack. `rank` must not exceed min(m, n).
-    `sketch`: M's bf16 copy for the randomized range passes, when the caller already has one."""
+    `sketch`: M's bf16 copy for the randomized range passes, when the caller already has one. `width`: how many
+    singular values to report in all, the ones past `rank` in `beyond`."""
     if method == "exact":
-        return exact_svd(M, rank)
-    return randomized_svd(M, rank, oversample, power_iters, torch.Generator().manual_seed(seed), tol, sketch)
+        return exact_svd(M, rank, width)
+    generator = torch.Generator().manual_seed(seed)
+    return randomized_svd(M, rank, oversample, power_iters, generator, tol, sketch, width=width)
 
 
 def lora_factors(t: Truncated, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,18 +24,34 @@ from weightdiff.records import LORA_ACTIONS, TensorReport, decomposed, energy_ke
 log = logging.getLogger(__name__)
 
 
+def spectrum(r: TensorReport) -> list[float]:
+    """Every singular value the SVD found for the tensor: the kept ones, then those past its rank."""
+    return r["singular_values"] + r.get("singular_values_beyond", [])
+
+
+def curve_reach(reports: list[TensorReport], max_rank: int) -> int:
+    """How far the energy curve goes: as far as every decomposed tensor's spectrum does (one known whole, a small
+    matrix's or a zero delta's, counts as reaching anywhere), and at least to the adapter's largest rank."""
+    partial = [
+        len(spectrum(r)) for r in decomposed(reports) if r["delta_norm"] > 0 and len(spectrum(r)) < min(r["shape"][-2:])
+    ]
+    return max(max_rank, min(partial, default=max_rank))
+
+
 def energy_curves(reports: list[TensorReport], max_rank: int) -> list[dict[str, float]]:
-    """Energy kept if every decomposed tensor were cut at rank k, for k = 1..max_rank: `energy` over all of them,
-    and one column per module type (q_proj, experts.gate_up_proj...), from the kept spectra."""
+    """Energy kept if every decomposed tensor were cut at rank k, for k = 1 … curve_reach: `energy` over all of them,
+    and one column per module type (q_proj, experts.gate_up_proj...), from their spectra. Past a tensor's rank the
+    randomized SVD's singular values are each a lower bound on ΔW's: there the curve is one too."""
     groups: dict[str, list[TensorReport]] = {"energy": decomposed(reports)}
     for r in groups["energy"]:
         groups.setdefault(r["module_type"], []).append(r)
     totals = {g: sum(r["delta_norm"] ** 2 for r in rs) or 1.0 for g, rs in groups.items()}
+    spectra = {id(r): spectrum(r) for r in groups["energy"]}
     rows = []
-    for k in range(1, max_rank + 1):
+    for k in range(1, curve_reach(reports, max_rank) + 1):
         rows.append(
             {"rank": k}
-            | {g: sum(sum(s * s for s in r["singular_values"][:k]) for r in rs) / totals[g] for g, rs in groups.items()}
+            | {g: sum(sum(s * s for s in spectra[id(r)][:k]) for r in rs) / totals[g] for g, rs in groups.items()}
         )
     return rows
 

@@ -50,6 +50,8 @@ class TensorReport(TypedDict):
     energy: NotRequired[float]  # Σ kept σ² / ‖ΔW‖²
     rel_error: NotRequired[float]  # ‖ΔW − scaling·B·A‖ / ‖ΔW‖, of the stored factors
     singular_values: NotRequired[list[float]]  # kept; for experts pooled over experts (root sum of squares)
+    # the SVD's next ones past the rank, to extract.svd.curve_to × rank (randomized: lower bounds), pooled likewise
+    singular_values_beyond: NotRequired[list[float]]
     noise_floor: NotRequired[float]
     energy_bound: NotRequired[float]  # an upper bound on the exact SVD's energy at the same rank (a posteriori)
     energy_reference: NotRequired[float]  # a deeper randomized SVD's, a lower bound on it (extract.svd.check_every)

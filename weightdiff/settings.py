@@ -235,6 +235,11 @@ class SvdSettings:
     )
     tol: float = helped(1.0e-4, "the energy gain under which power_iters=auto stops, in (0, 1)")
     seed: int = helped(0, "the sketches' seed (per tensor: mixed with its name)")
+    curve_to: float = helped(
+        2.0,
+        "the reports' spectra and the energy-vs-rank curve reach this multiple of the rank (what more rank would "
+        "buy); the sketch widens to it where rank + oversample falls short (not at rank 16, oversample 10)",
+    )
     check_every: int = helped(
         40,
         "every so many lora tensors (the first included) also get a deeper randomized SVD, to measure the gap; 0: none",
@@ -245,6 +250,8 @@ class SvdSettings:
             raise fail("extract.svd.power_iters", self.power_iters, "auto or a count >= 0")
         if not 0 < self.tol < 1:
             raise fail("extract.svd.tol", self.tol, "a number in (0, 1)")
+        if self.curve_to < 1:
+            raise fail("extract.svd.curve_to", self.curve_to, "a multiple of the rank >= 1")
         if self.oversample < 0 or self.check_every < 0:
             raise WeightdiffError("extract.svd.oversample and check_every must be >= 0")
 
