@@ -1,6 +1,6 @@
 # `make demo`: set up and run the whole pipeline on the built-in demo pair.
 # `make test`: the fast lane (no DVC end-to-end runs, no llama.cpp; ~3 min on 2 cores).
-# `make check`: everything CI (.ci/run) runs: lint, types, and the full suite with the llama.cpp lane.
+# `make check`: everything CI (.ci/run) runs: lint, types, and the full suite with the llama.cpp and Ray lanes.
 # `make lint` / `make typecheck` / `make format`: ruff check + ruff format --check / mypy / ruff's fixes applied.
 PYTHON ?= python3
 VENV ?= .venv
@@ -33,6 +33,11 @@ $(VENV)/.llamacpp: $(VENV)/.installed
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) -e '.[llamacpp]'
 	touch $@
 
+# Ray for the extract.executor=ray lane (tests/test_ray.py): one wheel, ~7 s. Only `make check` needs it.
+$(VENV)/.ray: $(VENV)/.installed
+	$(PIP) -e '.[ray]'
+	touch $@
+
 demo: setup
 	. $(BIN)/activate && dvc repro
 	@echo
@@ -43,7 +48,7 @@ demo: setup
 	@echo "paper:            reports/paper/paper.md reports/paper/paper.pdf"
 
 test: setup
-	. $(BIN)/activate && python -m pytest -q -m "not slow and not llamacpp"
+	. $(BIN)/activate && python -m pytest -q -m "not slow and not llamacpp and not ray"
 
 lint: setup
 	$(BIN)/ruff check .
@@ -57,7 +62,7 @@ typecheck: setup
 	$(BIN)/mypy
 
 # The full suite is the README's test command, exactly: `python -m pytest -q`.
-check: lint typecheck $(VENV)/.llamacpp
+check: lint typecheck $(VENV)/.llamacpp $(VENV)/.ray
 	. $(BIN)/activate && python -m pytest -q
 
 clean:

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {  # Llama 3 8B and Qwen3-30B-A3B's attention (its experts are in benchmarks/moe_bench.py)
+SHAPES = {  # Llama 3 8B, Qwen3-30B-A3B's attention (its experts are in benchmarks/moe_bench.py), a small Llama
     "llama3-8b": dict(
         model_type="llama",
         architectures=["LlamaForCausalLM"],
@@ -51,6 +51,15 @@ SHAPES = {  # Llama 3 8B and Qwen3-30B-A3B's attention (its experts are in bench
         num_attention_heads=32,
         num_key_value_heads=4,
         head_dim=128,
+    ),
+    "small": dict(  # units of well under a million elements each: what a task's overhead is measured on
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=512,
+        intermediate_size=1376,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
     ),
 }
 

@@ -19,6 +19,7 @@ SLOW_EXTRACT = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     import weightdiff.extract as ex
+    from weightdiff.actions import ACTIONS
     from weightdiff.settings import ExtractSettings, typed
 
     def slowed(action):
@@ -26,7 +27,8 @@ SLOW_EXTRACT = textwrap.dedent("""
             time.sleep(0.3)
             return action(*args, **kwargs)
         return slow
-    ex.ACTIONS = {name: slowed(action) for name, action in ex.ACTIONS.items()}
+    for name, action in list(ACTIONS.items()):  # the table both executors dispatch through
+        ACTIONS[name] = slowed(action)
     manifest, index, settings = (json.loads(Path(p).read_text()) for p in sys.argv[1:4])
     ex.extract(index, manifest, typed(ExtractSettings, settings), Path(sys.argv[4]), Path(sys.argv[5]))
 """)

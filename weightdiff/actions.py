@@ -129,6 +129,9 @@ def peft_layout(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def lora_experts(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str, dict]) -> Result:
     """All experts of one layer and projection in one batched decomposition, in PEFT's `target_parameters` layout.
 
+    ParamWrapper keeps lora_A [r·E, in] and lora_B [out, r·E] whichever way the parameter is stored, and adds
+    B_e·A_e to an [E, out, in] one, its transpose to an [E, in, out] one (gpt-oss): those are factors of ΔW[e]ᵀ.
+
     The report's `singular_values` are, per index k, the root sum of squares over experts of each expert's
     k-th kept singular value: summed up to k they give the energy all experts keep at rank k, which is what
     energy curves pool. `experts` holds each expert's own rank, ‖ΔW‖, energy, error and singular values.
@@ -157,7 +160,7 @@ def lora_experts(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str,
             math.sqrt(sum(x * x for x in xs) / len(xs)) for xs in zip(*((d.rms_a, d.rms_b) for d in ds), strict=True)
         )
         floor = noise_floor((m, n), tensors[unit.tensors[0]]["dtype"], rms_a, rms_b)
-    low = method.decompose(dw, norms, unit.module, floor=floor or 0.0)
+    low = method.decompose(dw, norms, unit.module, floor=floor or 0.0, transposed=unit.transposed)
     per_expert: ExpertArrays = {
         "rank": low.ranks,
         "delta_norm": norms.tolist(),

@@ -1,10 +1,11 @@
-"""ΔW = W_B − W_A, one unit of work at a time, compressed into a PEFT adapter: plan → stream → decompose →
-resume store → assemble.
+"""ΔW = W_B − W_A, one unit of work at a time, compressed into a PEFT adapter: plan → execute → assemble.
 
-Units are read ahead on a background thread (weightdiff.stream), turned into reports and adapter entries by
-their action (weightdiff.actions) on the configured device, and each finished unit is kept in the resume store
-so that an interrupted run resumes; the adapter is assembled in plan order at the end, so a resumed run writes
-the same bytes as an uninterrupted one.
+The plan (weightdiff.plan) splits the checkpoints into units. An executor (weightdiff.executor: this process, one
+unit after another, or Ray tasks) reads each unit's tensors and forms their deltas (weightdiff.stream), turns
+them into reports and adapter entries by the unit's action (weightdiff.actions) on the configured device, and
+keeps each finished unit in the resume store, so that an interrupted run resumes, under either executor. The
+adapter is assembled from the store in plan order at the end: a resumed run, or one on Ray, writes the same
+bytes as an uninterrupted local one.
 """
 
 from __future__ import annotations
@@ -12,23 +13,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import closing
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from weightdiff.actions import ACTIONS, Result
+from weightdiff.actions import Result
 from weightdiff.decompose import Method
+from weightdiff.errors import WeightdiffError
+from weightdiff.executor import Job, Task, execute
 from weightdiff.layout import ModelModules
 from weightdiff.metrics import diagnosis, energy_curves, left_out, log_left_out, summary
 from weightdiff.peft_format import Targets, adapter_config, is_target, peft_keys, target_fields, write_adapter
 from weightdiff.plan import Unit, plan_units
 from weightdiff.records import TensorReport
 from weightdiff.resume import ResumeStore, resume_key
-from weightdiff.safetensors_io import TensorReader
 from weightdiff.settings import RUN_ONLY_KEYS, ExtractSettings, SvdSettings, plain
-from weightdiff.stream import Delta, deltas
 
 log = logging.getLogger(__name__)
 
@@ -58,29 +58,22 @@ def extract(
     modules = ModelModules.from_json(index["model_a"]["modules"])
     plan = plan_units(tensors, settings, modules)
     log_plan(plan, settings, method)
-    store = ResumeStore(resume_root, resume_key(manifest, result_settings(settings))).open()
+    store = ResumeStore(resume_root.resolve(), resume_key(manifest, result_settings(settings))).open()
     if finished := store.done():
         log.info("resuming: %d of %d units already done (%s)", finished, len(plan), store.dir)
-    results = {i: done for i, unit in enumerate(plan) if (done := store.load(unit.id)) is not None}
-    todo = [i for i in range(len(plan)) if i not in results]
-    readers = (TensorReader(Path(manifest["model_a"]["path"])), TensorReader(Path(manifest["model_b"]["path"])))
-    checks = EnergyChecks(settings.svd, method)
-    stream = deltas([plan[i] for i in todo], *readers, rms=method.policy == "noise_floor")
-    with closing(stream):
-        for i, ds in tqdm(
-            zip(todo, stream, strict=True),
-            total=len(plan),
-            initial=len(plan) - len(todo),
-            desc="extract",
-            unit="module",
-        ):
-            unit = plan[i]
-            result = ACTIONS[unit.action](unit, ds, method, tensors)
-            checks.add(unit, ds, result)
-            store.save(unit.id, *result)
-            results[i] = result
-    reports = [r for i in range(len(plan)) for r in results[i][0]]
-    raw_factors = {k: v for i in range(len(plan)) for k, v in results[i][1].items()}
+    checked = energy_checked(plan, settings.svd, tensors)
+    tasks = [
+        Task(unit, {n: tensors[n] for n in unit.tensors}, i in checked)
+        for i, unit in enumerate(plan)
+        if not store.has(unit.id)
+    ]
+    model_a, model_b = (Path(manifest[side]["path"]).resolve() for side in ("model_a", "model_b"))
+    job = Job(model_a, model_b, method, store, torch.get_num_threads())
+    with tqdm(total=len(plan), initial=len(plan) - len(tasks), desc="extract", unit="module") as bar:
+        execute(job, tasks, settings, bar.update)
+    results = [finished_unit(store, unit) for unit in plan]
+    reports = [r for result in results for r in result[0]]
+    raw_factors = {k: v for result in results for k, v in result[1].items()}
     lora_bias, reasons = settle_biases(reports, raw_factors)
     factors = peft_keys(raw_factors, modules.experts)
     targets = targets_of(plan, reports, settings, tensors)
@@ -91,7 +84,7 @@ def extract(
         "diagnosis": diagnosis(reports, method),
         "left_out": left_out(reports, reasons),
     }
-    in_adapter = [u for i, u in enumerate(plan) if results[i][1]]
+    in_adapter = [u for u, result in zip(plan, results, strict=True) if result[1]]
     config = adapter_config(
         base_model=base_model_name(manifest["model_a"]),
         rank=rank,
@@ -179,28 +172,28 @@ def settle_biases(reports: list[TensorReport], factors: dict[str, torch.Tensor])
     return False, {r["name"]: obstacle for r in carried} if obstacle else {}
 
 
-class EnergyChecks:
-    """What the randomized SVD gives up, from below: every `check_every`-th extracted lora unit (the first
-    included) gets a second opinion (Method.reference_energy), whose energy at the same rank is the report's
-    `energy_reference`. Every report's `energy_bound` bounds the optimum from above at no cost: it lies between.
+def energy_checked(plan: list[Unit], svd: SvdSettings, tensors: dict[str, dict]) -> set[int]:
+    """The plan indices of the units whose randomized SVD gets a second opinion (weightdiff.executor's
+    second_opinion): every `check_every`-th lora unit of the decoder layers in plan order, the first included.
 
-    The exact SVD this replaces cost 90% of a default extraction (svdvals of a 14336×4096 delta: seconds); the
-    second opinion costs two fp32 passes over one unit in `check_every`.
+    Chosen from the plan alone, so that neither the order in which an executor finishes units nor what a resumed
+    run had already done changes which reports carry `energy_reference`; from the layers' units, which are what a
+    fine-tune changes: the LM head, first in checkpoint order, is often unchanged (no SVD to check).
     """
+    every = svd.check_every if svd.method == "randomized" else 0
+    layers = [i for i, u in enumerate(plan) if u.action == "lora" and tensors[u.tensors[0]]["layer"] is not None]
+    return set(layers[::every]) if every else set()
 
-    def __init__(self, settings: SvdSettings, method: Method):
-        self.every = settings.check_every if settings.method == "randomized" else 0
-        self.seen = 0
-        self.method = method
 
-    def add(self, unit: Unit, ds: list[Delta], result: Result) -> None:
-        report = result[0][0]
-        if unit.action != "lora" or report["status"] != "extracted":
-            return
-        if self.every and self.seen % self.every == 0:
-            A = next(f for key, f in result[1].items() if key.endswith("lora_A.weight"))
-            report["energy_reference"] = self.method.reference_energy(ds[0], A)
-        self.seen += 1
+def finished_unit(store: ResumeStore, unit: Unit) -> Result:
+    """A unit's result as its executor left it in the store."""
+    result = store.load(unit.id)
+    if result is None:  # a Ray worker that wrote to a store the driver cannot see
+        raise WeightdiffError(
+            f"unit {unit.id} ran but is not in the resume store {store.dir}: with extract.executor=ray, paths.resume "
+            "must be on a filesystem that every Ray node shares"
+        )
+    return result
 
 
 def targets_of(

@@ -1,7 +1,8 @@
 """Where each checkpoint tensor lives in the model as transformers 5 holds it in memory: what PEFT matches and keys.
 
 Found once, by the index stage, on the meta device (no memory): module paths by type, the LM head, the fused
-expert parameters (`mlp.experts.gate_up_proj` [E, 2I, H]) and transformers' own renaming of checkpoint names
+expert parameters (`mlp.experts.gate_up_proj`: [E, 2I, H] in Qwen's layout, [E, H, 2I] in gpt-oss's, which is
+used as x @ W) and transformers' own renaming of checkpoint names
 (a `model.language_model.` prefix dropped, per-expert tensors fused). Later stages read the layout from the
 index and never import model code. Architectures transformers cannot build get a layout guessed from shapes.
 """
@@ -51,7 +52,8 @@ class ModelModules:
     linear: frozenset[str]
     embedding: frozenset[str]
     output: str | None  # the LM head's path
-    experts: tuple[str, ...] = ()  # fused expert parameters [E, out, in], in registration order
+    experts: tuple[str, ...] = ()  # fused expert parameters, in registration order
+    transposed: frozenset[str] = frozenset()  # those of them stored [E, in, out] (gpt-oss), the others [E, out, in]
     # The input embedding whose weight the LM head shares (tie_word_embeddings, also by the config class's default):
     # one table, usually one tensor on disk, whose change changes both the input lookup and the output logits.
     tied: str | None = None
@@ -63,6 +65,7 @@ class ModelModules:
             "embedding": sorted(self.embedding),
             "output": self.output,
             "experts": list(self.experts),
+            "transposed": sorted(self.transposed),
             "tied": self.tied,
         }
 
@@ -73,6 +76,7 @@ class ModelModules:
             frozenset(data["embedding"]),
             data["output"],
             tuple(data["experts"]),
+            frozenset(data["transposed"]),
             data["tied"],
         )
 
@@ -101,11 +105,13 @@ def model_modules(config: dict, tensors: dict[str, dict]) -> ModelModules:
         return ModelModules.from_shapes(tensors)
     names = {m: n for n, m in model.named_modules()}
     output = model.get_output_embeddings()
+    experts = expert_parameters(model)
     return ModelModules(
         frozenset(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)),
         frozenset(n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)),
         names.get(output) if output is not None else None,
-        expert_parameters(model),
+        tuple(experts),
+        frozenset(p for p, transposed in experts.items() if transposed),
         tied=tied_embedding(model, names),
         rename=checkpoint_renaming(model),
     )
@@ -117,21 +123,21 @@ def tied_embedding(model: PreTrainedModel, names: dict[torch.nn.Module, str]) ->
     return names[embedding] if output is not None and output.weight is embedding.weight else None
 
 
-def expert_parameters(model: torch.nn.Module) -> tuple[str, ...]:
-    """Paths of the 3D parameters holding all experts of a layer, [E, out, in], in the order PEFT wraps them.
+def expert_parameters(model: torch.nn.Module) -> dict[str, bool]:
+    """Paths of the 3D parameters holding all experts of a layer, in the order PEFT wraps them, each with whether
+    it is stored [E, in, out] rather than [E, out, in].
 
     PEFT nests one ParamWrapper per targeted parameter of a module in registration order, which decides the
-    adapter keys. Layouts stored [E, in, out] (`is_transposed`) are left out: nothing targets them.
+    adapter keys; it reads the orientation from the module's `is_transposed` (transformers' experts decorator
+    sets it on gpt-oss's), as is done here.
     """
-    found = []
-    for path, module in model.named_modules():
-        for name, param in module.named_parameters(recurse=False):
-            if param.ndim == 3 and not isinstance(module, torch.nn.modules.conv._ConvNd):
-                if getattr(module, "is_transposed", False):
-                    log.warning("%s.%s stores experts as [E, in, out]: not supported, left out", path, name)
-                else:
-                    found.append(f"{path}.{name}")
-    return tuple(found)
+    return {
+        f"{path}.{name}": bool(getattr(module, "is_transposed", False))
+        for path, module in model.named_modules()
+        if not isinstance(module, torch.nn.modules.conv._ConvNd)
+        for name, param in module.named_parameters(recurse=False)
+        if param.ndim == 3
+    }
 
 
 def checkpoint_renaming(model: PreTrainedModel) -> Callable[[str], tuple[str, int | None]]:

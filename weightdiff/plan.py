@@ -39,6 +39,10 @@ NOT_TARGETED = "not in extract.target_modules"
 INSIDE_MODULE = "a parameter beside submodules: PEFT saves only whole modules (modules_to_save), submodules included"
 NO_FORM = "not a linear layer, embedding or norm: no form PEFT loads (a router, a convolution...)"
 UNTIEABLE = "tied to the LM head, and PEFT ties an adapter only to an embedding named embed_tokens"
+BESIDE_EXPERTS = (
+    "a parameter beside the fused experts (gpt-oss's expert biases): PEFT's target_parameters LoRA takes no "
+    "lora_bias, and modules_to_save would save every expert whole"
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Unit:
     tensors: tuple[str, ...]  # the weight first, then a bias; for experts by expert, then part (gate, up)
     tied: str | None = None  # a tied embedding's lora_embedding or save: the LM head that shares its table
     reason: str | None = None  # skip: why the adapter leaves the tensors out
+    transposed: bool = False  # lora_experts: the parameter is stored [E, in, out] (gpt-oss), not [E, out, in]
 
     @property
     def id(self) -> str:
@@ -74,17 +79,17 @@ def extra_choice(settings: ExtractSettings, kind: str) -> tuple[str, str]:
     return str(getattr(settings.extras, kind)), f"extract.extras.{kind}=skip"
 
 
-def expert_units(experts: dict[str, dict], target_modules: str | list[str], order: tuple[str, ...]) -> list[Unit]:
-    """One unit per fused expert parameter: decomposed when the targets select it (auto/all-linear: all), else
-    measured and left out."""
+def expert_units(experts: dict[str, dict], target_modules: str | list[str], modules: ModelModules) -> list[Unit]:
+    """One unit per fused expert parameter, with its orientation: decomposed when the targets select it
+    (auto/all-linear: all), else measured and left out."""
     by_param = defaultdict(list)
     for name, entry in experts.items():
         by_param[entry["param"]].append(name)
     units = []
-    for p in (p for p in order if p in by_param):
+    for p in (p for p in modules.experts if p in by_param):
         names = tuple(sorted(by_param[p], key=lambda n: (experts[n]["expert"] or 0, experts[n]["part"])))
         if isinstance(target_modules, str) or selects(p, target_modules):
-            units.append(Unit("lora_experts", p, names))
+            units.append(Unit("lora_experts", p, names, transposed=p in modules.transposed))
         else:
             units.append(Unit("skip", p, names, reason=NOT_TARGETED))
     return units
@@ -200,12 +205,15 @@ def plan_units(tensors: dict[str, dict], settings: ExtractSettings, modules: Mod
     for name, entry in tensors.items():
         by_module[entry["module"]].append(name)
     containers = {m.rsplit(".", k)[0] for m in by_module for k in range(1, m.count(".") + 1)}
+    owners = {p.rpartition(".")[0] for p in modules.experts}
     plan = []
     for module, names in by_module.items():
         if module in targets:
             plan += target_units(module, names, settings)
+        elif module in owners:
+            plan.append(Unit("skip", module, tuple(names), reason=BESIDE_EXPERTS))
         elif module in containers:  # its own parameters (A_log, dt_bias) sit beside submodules with tensors
             plan.append(Unit("skip", module, tuple(names), reason=INSIDE_MODULE))
         else:
             plan += module_units(module, names, tensors, settings, modules)
-    return plan + expert_units(experts, settings.target_modules, modules.experts)
+    return plan + expert_units(experts, settings.target_modules, modules)

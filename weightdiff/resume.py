@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from weightdiff.files import atomic_path
 from weightdiff.records import TensorReport
 
-FORMAT = 2  # 2: reports name their action and module_type
+FORMAT = 3  # 2: reports name their action and module_type; 3: the units checked (check_every) follow the plan
 
 
 def resume_key(manifest: dict, settings: dict) -> str:
@@ -48,11 +48,14 @@ class ResumeStore:
     def _path(self, unit_id: str) -> Path:
         return self.dir / (hashlib.sha1(unit_id.encode()).hexdigest() + ".safetensors")
 
+    def has(self, unit_id: str) -> bool:
+        return self._path(unit_id).is_file()
+
     def load(self, unit_id: str) -> tuple[list[TensorReport], dict[str, torch.Tensor]] | None:
         """A finished unit's reports and adapter entries, or None when it is still to do."""
-        path = self._path(unit_id)
-        if not path.is_file():
+        if not self.has(unit_id):
             return None
+        path = self._path(unit_id)
         with safe_open(str(path), framework="pt") as f:
             return json.loads(f.metadata()["reports"]), {k: f.get_tensor(k) for k in f.keys()}
 

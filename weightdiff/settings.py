@@ -51,6 +51,11 @@ class Device(Choice):
     cuda = "cuda"
 
 
+class Executor(Choice):
+    local = "local"
+    ray = "ray"
+
+
 class SvdMethod(Choice):
     randomized = "randomized"
     exact = "exact"
@@ -242,7 +247,8 @@ class SvdSettings:
     )
     check_every: int = helped(
         40,
-        "every so many lora tensors (the first included) also get a deeper randomized SVD, to measure the gap; 0: none",
+        "every so many lora tensors of the decoder layers, in plan order (the first included), also get a deeper "
+        "randomized SVD, to measure the gap; 0: none",
     )
 
     def __post_init__(self) -> None:
@@ -254,6 +260,22 @@ class SvdSettings:
             raise fail("extract.svd.curve_to", self.curve_to, "a multiple of the rank >= 1")
         if self.oversample < 0 or self.check_every < 0:
             raise WeightdiffError("extract.svd.oversample and check_every must be >= 0")
+
+
+@dataclass
+class RaySettings:
+    address: str | None = helped(
+        None,
+        "null: start a local Ray for the run; else a running cluster's, as ray.init takes it: auto (RAY_ADDRESS, or "
+        "the cluster `ray start` last started on this machine), or the head's host:port (6379 by default)",
+    )
+    max_retries: int = helped(
+        3, "reruns of a unit whose worker died (killed, out of memory, node lost); a weightdiff error is not rerun"
+    )
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_retries, int) and self.max_retries >= 0):
+            raise fail("extract.ray.max_retries", self.max_retries, "a count >= 0")
 
 
 @dataclass
@@ -279,6 +301,11 @@ class ExtractSettings:
     dtype: FactorDtype = helped(FactorDtype.fp16, "of the saved factors (fp16 keeps 3 more mantissa bits than bf16)")
     device: Device = helped(Device.auto, "auto (cuda when available), cpu or cuda")
     svd: SvdSettings = field(default_factory=SvdSettings)
+    executor: Executor = helped(
+        Executor.local,
+        "local: the units one after another in this process; ray: as Ray tasks (pip install -e '.[ray]'), same bytes",
+    )
+    ray: RaySettings = field(default_factory=RaySettings)
 
     def __post_init__(self) -> None:
         if self.rank != "auto" and not (isinstance(self.rank, int) and self.rank >= 1):
@@ -297,7 +324,7 @@ class ExtractSettings:
 
 
 # Keys that cannot change the adapter: left out of what identifies a run (resume store, DVC params).
-RUN_ONLY_KEYS = ("device",)
+RUN_ONLY_KEYS = ("device", "executor", "ray")
 
 
 @dataclass

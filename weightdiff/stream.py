@@ -1,17 +1,17 @@
-"""Weight deltas of both checkpoints, one unit of work at a time, read ahead on a background thread.
+"""Weight deltas of both checkpoints, one unit of work at a time.
 
-Forming a unit's deltas and decomposing them run one after the other, each on all the cores, in one workspace
-reused from unit to unit, so memory is the largest unit's whatever the size of the model. Reading ahead on a
-second thread was measured and dropped: a thread forming the next deltas competes with the maths for the cores
-(2.5–3.4 s instead of 1.5 s for a 2-layer Llama-3-8B-shape pair on 2 cores, warm), and one that only pulls the
-next unit's bytes from disk (pread: POSIX_FADV_WILLNEED is ignored here) gained nothing cold, asked while this
-unit is read (2.7 s instead of 2.0 s) or once it is (2.7 s instead of 2.5 s).
+Forming a unit's deltas and decomposing them run one after the other, each on all the unit's threads
+(weightdiff.executor), in one workspace reused from unit to unit, so memory is the largest unit's whatever the
+size of the model. Reading ahead on a second thread was measured and dropped: a thread forming the next deltas
+competes with the maths for the cores (2.5–3.4 s instead of 1.5 s for a 2-layer Llama-3-8B-shape pair on 2 cores,
+warm), and one that only pulls the next unit's bytes from disk (pread: POSIX_FADV_WILLNEED is ignored here) gained
+nothing cold, asked while this unit is read (2.7 s instead of 2.0 s) or once it is (2.7 s instead of 2.5 s).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -120,16 +120,3 @@ def read_unit(unit: Unit, reader_a: TensorReader, reader_b: TensorReader, rms: b
     finally:
         reader_a.unmap()
         reader_b.unmap()
-
-
-def deltas(
-    units: Sequence[Unit], reader_a: TensorReader, reader_b: TensorReader, rms: bool = False
-) -> Generator[list[Delta], None, None]:
-    """For each unit, the deltas of its tensors, in order.
-
-    The deltas of a unit live in a workspace that is reused once the caller asks for the next unit: keep what
-    is computed from them, never the deltas themselves.
-    """
-    space = Workspace()
-    for unit in units:
-        yield read_unit(unit, reader_a, reader_b, rms, space)
