@@ -164,6 +164,11 @@ def extract_metrics(reports: list[dict], policy: str = "fixed", rank: int = RANK
             "skipped": len(skipped),
             "skipped_delta_norm": math.sqrt(sum(r["delta_norm"] ** 2 for r in skipped)),
         },
+        "inputs": {
+            "executor": "ray",
+            "model_a": {"read": "stream", "dtypes": {"BF16": 40, "F8_E4M3": 21}, "quantization": "fp8"},
+            "model_b": {"read": "fetch", "dtypes": {"BF16": 61}, "quantization": None},
+        },
         "left_out": [
             {
                 "module_type": module_type,

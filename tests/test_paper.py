@@ -150,6 +150,8 @@ def test_markdown_carries_the_runs_numbers(paper: tuple[Path, Path]) -> None:
         "model.layers.1.self_attn.v_proj.weight",
         "`model.embed_tokens.weight` (0.5000 at rank 4; the target\n  0.9 needs rank ≥ 210)",
         "at most 3.20 × 10⁻⁷ more",
+        "A streamed from the Hub (40 BF16, 21 F8_E4M3 tensors; FP8 e4m3 with block scales, dequantized on read); "
+        "B read from a fetched snapshot (61 BF16 tensors); units run by the ray executor",
     ):
         assert expected in text, expected
     for heading in (

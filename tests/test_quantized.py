@@ -207,10 +207,18 @@ def test_quantized_weights_read_as_their_dequantized_values_and_companions_are_n
 
 
 def test_extraction_from_quantized_pairs_equals_extraction_from_the_dequantized_copies(quantized_pairs, tmp_path, cfg):
-    _, _, pairs = quantized_pairs
+    fmt, names, pairs = quantized_pairs
     (quantized_a, plain_a), (quantized_b, plain_b) = pairs["a"], pairs["b"]
-    manifest, _, quantized = run_extract(quantized_a, quantized_b, tmp_path / "quantized", cfg)
-    plain_manifest, _, reference = run_extract(plain_a, plain_b, tmp_path / "plain", cfg)
+    manifest, metrics, quantized = run_extract(quantized_a, quantized_b, tmp_path / "quantized", cfg)
+    plain_manifest, plain_metrics, reference = run_extract(plain_a, plain_b, tmp_path / "plain", cfg)
+    method, dtype = FORMATS[fmt][2]["quant_method"], FORMATS[fmt][3]
+    for side in ("model_a", "model_b"):  # the metrics say what the checkpoints store and how they were read
+        read = metrics["inputs"][side]
+        assert read["quantization"] == method and read["dtypes"][dtype] == len(names) and read["read"] == "local"
+        assert (
+            plain_metrics["inputs"][side]["quantization"] is None
+            and dtype not in plain_metrics["inputs"][side]["dtypes"]
+        )
     assert [(r["name"], r["action"]) for r in quantized] == [(r["name"], r["action"]) for r in reference]
     assert any(r["delta_norm"] > 0 for r in reference)
     for got, want in zip(quantized, reference, strict=True):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -103,6 +104,7 @@ def extract(
         "adapter_params": sum(f.numel() for f in factors.values()),
         "adapter_bytes": adapter_bytes,
         "compression_ratio": model_bytes / adapter_bytes,
+        "inputs": inputs(index, manifest, settings),
         "seconds": round(time.perf_counter() - start, 3),
     }
     log_left_out(metrics["left_out"], sum(r["delta_norm"] == 0 for r in reports))
@@ -210,6 +212,21 @@ def targets_of(
         ((u.module, u.tied) for u in plan if u.action == "lora_embedding" and u.tied and u.module in modules), None
     )
     return target_fields(modules, parameters, names, tensors, tied)
+
+
+def inputs(index: dict, manifest: dict, settings: ExtractSettings) -> dict:
+    """How the run read its inputs, for the metrics and the paper: where each model's tensors came from (a local
+    directory, a fetched snapshot, byte ranges streamed from the Hub), which executor ran the units, and what the
+    checkpoints store (tensors by stored dtype, and the quantization dequantized on read, if any)."""
+    sides = {}
+    for side in ("model_a", "model_b"):
+        entry, config = manifest[side], index[side]["config"]
+        sides[side] = {
+            "read": entry.get("mode", "local") if entry["kind"] == "hub" else "local",
+            "dtypes": dict(sorted(Counter(t["dtype"] for t in index[side]["tensors"].values()).items())),
+            "quantization": (config.get("quantization_config") or {}).get("quant_method"),
+        }
+    return {"executor": str(settings.executor)} | sides
 
 
 def base_model_name(entry: dict) -> str:

@@ -370,6 +370,26 @@ def model_line(entry: dict) -> str:
     return f"`{entry['source']}` ({entry['kind']}; {revision}; weights {fmt_bytes(weights)})"
 
 
+READ = {
+    "local": "read from a local directory",
+    "fetch": "read from a fetched snapshot",
+    "stream": "streamed from the Hub",
+}
+QUANTIZATION = {"fp8": "FP8 e4m3 with block scales", "compressed-tensors": "pack-quantized INT4", "mxfp4": "MXFP4"}
+
+
+def inputs_line(inputs: dict) -> str:
+    """How extraction read its inputs: per model where from, the stored dtypes and any quantization dequantized on
+    read, and the executor."""
+    sides = []
+    for label, side in (("A", inputs["model_a"]), ("B", inputs["model_b"])):
+        dtypes = ", ".join(f"{n:,} {dtype}" for dtype, n in side["dtypes"].items())
+        q = side["quantization"]
+        dequantized = f"; {QUANTIZATION.get(q, q)}, dequantized on read" if q else ""
+        sides.append(f"{label} {READ[side['read']]} ({dtypes} tensors{dequantized})")
+    return "; ".join(sides) + f"; units run by the {inputs['executor']} executor"
+
+
 def hardware_line() -> str:
     """The machine that generated this report (normally the one that ran the pipeline)."""
     return (
@@ -404,6 +424,7 @@ def paper_facts(run: dict, figures_dir: Path, out_dir: Path) -> dict:
         "model_a": model_line(run["manifest"]["model_a"]),
         "model_b": model_line(run["manifest"]["model_b"]),
         "hardware": hardware_line(),
+        "inputs": inputs_line(metrics["inputs"]),
         "targets": target_names(params),
         "svd": params["extract"].get("svd") or {},
         "ranks": ranks,
