@@ -185,6 +185,14 @@ def test_rank_subsection_reads_the_energy_curve() -> None:
     assert "the fraction would be\n0.4900, and at rank 1 0.2400" in markdown_of(run)
 
 
+def test_the_paper_says_what_doubling_the_rank_would_keep_where_the_curve_reaches_it() -> None:
+    run = synthetic_run()
+    run["energy"] = [{"rank": k, "energy": 0.1 * k} for k in range(1, 2 * RANK + 1)]
+    assert f"Doubling the rank to {2 * RANK} would keep at least {fmt_energy(0.8)}" in markdown_of(run)
+    run["energy"] = run["energy"][: 2 * RANK - 1]  # a curve that stops short of 2r says nothing of it
+    assert "Doubling the rank" not in markdown_of(run)
+
+
 def test_a_fixed_rank_paper_says_one_rank_and_no_spread() -> None:
     text = markdown_of(synthetic_run())
     assert "a rank-4 LoRA adapter" in text and "At rank r = 4 the adapter covers" in text

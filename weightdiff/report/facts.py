@@ -235,18 +235,22 @@ def rank_text(ranks: dict) -> str:
 
 
 def energy_at(curve: list[dict], k: int, column: str = "energy") -> float:
-    """The energy curve (metrics/energy_vs_rank.csv rows) at rank k. The curve ends at the largest module
-    rank, beyond which every tensor keeps all it has: past the end it stays at its last value."""
+    """The energy curve (metrics/energy_vs_rank.csv rows) at rank k. The curve ends where the spectra the SVD
+    found do (extract.svd.curve_to): past the end it stays at its last value."""
     rows = sorted(curve, key=lambda row: row["rank"])
     return next((row[column] for row in rows if row["rank"] >= k), rows[-1][column])
 
 
 def curve_facts(curve: list[dict], ranks: dict) -> dict:
-    """Points of the global curve the rank subsection compares: rank 1, r/2, r, and the mean module rank
-    (what a fixed rank of the same average size would keep, against an adaptive policy)."""
+    """Points of the global curve the rank subsection compares: rank 1, r/2, r, 2r where the curve reaches it
+    (what doubling the rank would keep, at least: past a tensor's rank its singular values are lower bounds), and
+    the mean module rank (what a fixed rank of the same average size would keep, against an adaptive policy)."""
     r = ranks["r"]
     half, mean = max(1, r // 2), max(1, round(ranks["mean"]))
+    reach = max((row["rank"] for row in curve), default=0)
     return {
+        "double": 2 * r,
+        "at_double": energy_at(curve, 2 * r) if reach >= 2 * r else None,
         "half": half,
         "at_1": energy_at(curve, 1),
         "at_half": energy_at(curve, half),
