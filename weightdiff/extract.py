@@ -222,7 +222,7 @@ def inputs(index: dict, manifest: dict, settings: ExtractSettings) -> dict:
     for side in ("model_a", "model_b"):
         entry, config = manifest[side], index[side]["config"]
         sides[side] = {
-            "read": entry.get("mode", "local") if entry["kind"] == "hub" else "local",
+            "read": entry.get("mode", "local"),  # a Hub source's manifest entry has its mode; local and demo none
             "dtypes": dict(sorted(Counter(t["dtype"] for t in index[side]["tensors"].values()).items())),
             "quantization": (config.get("quantization_config") or {}).get("quant_method"),
         }
