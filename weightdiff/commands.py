@@ -1,4 +1,4 @@
-"""`weightdiff extract|validate|gguf`: the pipeline's steps as one command each, for people without DVC.
+"""`weightdiff extract|validate|gguf|compose`: the pipeline's steps, and adapter arithmetic, as one command each.
 
 The same library calls as the stages, with the same defaults: the settings are weightdiff.settings' (which
 tests/test_commands.py holds equal to the committed params.yaml), changed by Hydra overrides (`key=value`,
@@ -117,6 +117,21 @@ def gguf_command(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=1))
 
 
+def compose_command(args: argparse.Namespace) -> None:
+    from weightdiff.compose import compose
+
+    if args.overrides:
+        args.parser.error(f"compose takes no settings: {' '.join(args.overrides)}")
+    weights = args.weights or [1.0] * len(args.adapters)
+    summary = compose([Path(a) for a in args.adapters], weights, Path(args.output), args.rank, args.unchecked)
+    ends = f"{summary['model_a']} → {summary['model_b'] or '(a sum or a scaled delta)'}"
+    print(
+        f"{args.output}: {ends}, {summary['adapter_bytes'] / 1e6:.1f} MB, {summary['modules']} modules, energy kept "
+        f"{summary['energy']:.6f} of the exact composition (least: {summary['worst_energy']:.6f}, "
+        f"{summary['worst_module']})"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="weightdiff",
@@ -124,8 +139,8 @@ def parser() -> argparse.ArgumentParser:
     )
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
+    def command(name: str, help_text: str, epilog: str | None = EPILOG) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=epilog)
         sub.set_defaults(parser=sub)
         return sub
 
@@ -148,6 +163,25 @@ def parser() -> argparse.ArgumentParser:
     gg.add_argument("-o", "--output", required=True, help="the .gguf file to write")
     gg.add_argument("--base", help="the base model (default: adapter_config.json's base_model_name_or_path)")
     gg.set_defaults(run=gguf_command)
+
+    co = command(
+        "compose",
+        "adapters added up from their factors alone: A→B then B→C gives A→C, weight -1 turns A→B into B→A, any other "
+        "weight scales; each module recompressed exactly (QR of the stacked factors, an SVD of their small core)",
+        epilog="Writes the adapter and weightdiff_compose.json (energy kept per module) into the output directory.",
+    )
+    co.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT LoRA adapter directories, in chain order")
+    co.add_argument("-o", "--output", required=True, help="the adapter directory to write (replaced when done)")
+    co.add_argument("--rank", type=int, help="rank of every module (default: the largest the inputs give it)")
+    co.add_argument(
+        "--weights", type=float, nargs="+", metavar="W", help="one per adapter (default 1 each): -1 negates, 0.5 halves"
+    )
+    co.add_argument(
+        "--unchecked",
+        action="store_true",
+        help="compose even where an adapter does not start where the one before ends",
+    )
+    co.set_defaults(run=compose_command, overrides=[])
 
     for sub in (ex, va, gg):
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides of any other setting")

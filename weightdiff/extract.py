@@ -25,7 +25,15 @@ from weightdiff.errors import WeightdiffError
 from weightdiff.executor import Job, Task, execute
 from weightdiff.layout import ModelModules
 from weightdiff.metrics import diagnosis, energy_curves, left_out, log_left_out, summary
-from weightdiff.peft_format import Targets, adapter_config, is_target, peft_keys, target_fields, write_adapter
+from weightdiff.peft_format import (
+    Targets,
+    adapter_config,
+    is_target,
+    peft_keys,
+    target_fields,
+    wrapper_paths,
+    write_adapter,
+)
 from weightdiff.plan import Unit, plan_units
 from weightdiff.records import TensorReport
 from weightdiff.resume import ResumeStore, resume_key
@@ -95,7 +103,7 @@ def extract(
         lora_bias=lora_bias,
         tied=any(u.tied for u in in_adapter),
     )
-    write_adapter(adapter_dir, factors, config)
+    write_adapter(adapter_dir, factors, config, provenance(manifest, plan, reports, modules.experts))
     store.remove()
     adapter_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
     model_bytes = sum(f["size"] for f in manifest["model_b"]["files"] if f["name"].endswith(".safetensors"))
@@ -208,10 +216,29 @@ def targets_of(
     parameters = {r["name"]: r["rank"] for r in reports if r["action"] == "lora_experts" and r["status"] == "extracted"}
     names = [] if isinstance(settings.target_modules, str) else list(settings.target_modules)
     names += sorted({m.rpartition(".")[2] for m in candidates if not is_target(m, names)})
-    tied = next(
+    return target_fields(modules, parameters, names, tensors, tied_lora(plan, list(modules)))
+
+
+def tied_lora(plan: list[Unit], modules: list[str]) -> tuple[str, str] | None:
+    """(embedding, LM head) when a tied embedding has factors, which PEFT ties to the head."""
+    return next(
         ((u.module, u.tied) for u in plan if u.action == "lora_embedding" and u.tied and u.module in modules), None
     )
-    return target_fields(modules, parameters, names, tensors, tied)
+
+
+def provenance(manifest: dict, plan: list[Unit], reports: list[TensorReport], order: tuple[str, ...]) -> dict:
+    """What the adapter file records of its making (peft_format.write_adapter): the models it goes between, each
+    expert parameter's ParamWrapper and expert count, and a tied embedding with factors and its head."""
+    experts = {
+        r["name"]: r["shape"][0] for r in reports if r["action"] == "lora_experts" and r["status"] == "extracted"
+    }
+    extracted = [r["module"] for r in reports if r.get("status") == "extracted"]
+    return {
+        "model_a": base_model_name(manifest["model_a"]),
+        "model_b": base_model_name(manifest["model_b"]),
+        "experts": {p: {"wrapper": w, "experts": experts[p]} for p, w in wrapper_paths(list(experts), order).items()},
+        "tied": tied_lora(plan, extracted),
+    }
 
 
 def inputs(index: dict, manifest: dict, settings: ExtractSettings) -> dict:

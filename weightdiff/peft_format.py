@@ -14,6 +14,7 @@ from weightdiff.files import fresh_directory, write_atomic
 from weightdiff.layout import parameter_name, within_layer
 
 PREFIX = "base_model.model."
+PROVENANCE_FILE = "weightdiff_provenance.json"  # beside adapter_config.json: see write_adapter
 
 
 def is_target(path: str, names: list[str]) -> bool:
@@ -82,23 +83,32 @@ def parameter_key(param: str, part: str) -> str:
 
 
 def peft_keys(factors: dict[str, torch.Tensor], order: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The factors under the keys PEFT saves and loads for wrapped parameters.
+    """The factors under the keys PEFT saves and loads for wrapped parameters (see wrapper_paths)."""
+    wrappers = wrapper_paths([p for p in order if parameter_key(p, "lora_A") in factors], order)
+    renamed = {
+        parameter_key(p, part): f"{PREFIX}{wrapper}.{part}.weight"
+        for p, wrapper in wrappers.items()
+        for part in ("lora_A", "lora_B")
+    }
+    return {renamed.get(k, k): v for k, v in factors.items()}
 
-    PEFT wraps each targeted parameter of a module in a ParamWrapper, nested in registration order: the
-    last one is the module itself, each earlier one a `base_layer` further in. With gate_up_proj and
-    down_proj both adapted, gate_up_proj's factors are `...mlp.experts.base_layer.lora_A.weight` and
-    down_proj's `...mlp.experts.lora_A.weight`; with only one of them (the other's delta is zero) it is
+
+def wrapper_paths(adapted: list[str], order: tuple[str, ...]) -> dict[str, str]:
+    """Each adapted parameter's path → the path of the ParamWrapper whose lora_A/lora_B hold its factors.
+
+    PEFT wraps each targeted parameter of a module in a ParamWrapper, nested in registration order (`order`): the
+    last one is the module itself, each earlier one a `base_layer` further in. With gate_up_proj and down_proj
+    both adapted, gate_up_proj's factors are `...mlp.experts.base_layer.lora_A.weight` and down_proj's
+    `...mlp.experts.lora_A.weight`; with only one of them (the other's delta is zero) it is
     `...mlp.experts.lora_A.weight`.
     """
-    adapted = [p for p in order if parameter_key(p, "lora_A") in factors]
-    renamed = {}
-    for p in adapted:
+    ordered = [p for p in order if p in adapted]
+    wrappers = {}
+    for p in ordered:
         module = p.rpartition(".")[0]
-        siblings = [q for q in adapted if q.rpartition(".")[0] == module]
-        wrapper = module + ".base_layer" * (len(siblings) - 1 - siblings.index(p))
-        for part in ("lora_A", "lora_B"):
-            renamed[parameter_key(p, part)] = f"{PREFIX}{wrapper}.{part}.weight"
-    return {renamed.get(k, k): v for k, v in factors.items()}
+        siblings = [q for q in ordered if q.rpartition(".")[0] == module]
+        wrappers[p] = module + ".base_layer" * (len(siblings) - 1 - siblings.index(p))
+    return wrappers
 
 
 def target_modules_field(
@@ -206,8 +216,15 @@ def adapter_config_json(config: dict) -> bytes:
     return (json.dumps(config, indent=2) + "\n").encode()
 
 
-def write_adapter(out_dir: Path, factors: dict[str, torch.Tensor], config: dict) -> None:
-    """adapter_model.safetensors and adapter_config.json, replacing out_dir only once both are complete."""
+def write_adapter(out_dir: Path, factors: dict[str, torch.Tensor], config: dict, provenance: dict) -> None:
+    """adapter_model.safetensors, adapter_config.json and the provenance, replacing out_dir only once all are complete.
+
+    The provenance (PROVENANCE_FILE) says what the file's keys and shapes do not and weightdiff.compose needs: which
+    models the adapter goes between, how its expert factors are laid out. It is a file of its own because PEFT warns
+    on keys it does not know in adapter_config.json, and safetensors writes header metadata in a per-process
+    order, which would make the adapter's bytes differ from run to run.
+    """
     with fresh_directory(out_dir) as tmp:
         write_atomic(tmp / "adapter_model.safetensors", safetensors_bytes(factors, metadata={"format": "pt"}))
         write_atomic(tmp / "adapter_config.json", adapter_config_json(config))
+        write_atomic(tmp / PROVENANCE_FILE, (json.dumps(provenance, indent=1, sort_keys=True) + "\n").encode())
