@@ -142,3 +142,43 @@ def test_the_command_writes_what_the_library_does(chain, tmp_path):
     compose([chain["root"] / "ab", chain["root"] / "bc"], [1.0, 1.0], tmp_path / "lib", rank=4)
     for name in ("adapter_model.safetensors", "adapter_config.json", PROVENANCE_FILE):
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "lib" / name).read_bytes()
+
+
+def test_tied_embeddings_and_saved_norms_compose(tmp_path, cfg):
+    """A tied Llama whose fine-tunes change the tied table, a q_proj and a norm: the table's LoRA composes (and the
+    head's, tied to it, with it), the norm is saved whole, the later save replacing the earlier."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from test_tied import CONFIG, EMBEDDING, low_rank
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(6)
+    model.save_pretrained(tmp_path / "base")
+    q_proj, norm = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.input_layernorm.weight"
+    for name, seed in (("ftA", 1), ("ftB", 2)):
+        tensors, g = load_file(tmp_path / "base" / "model.safetensors"), torch.Generator().manual_seed(seed)
+        tensors[EMBEDDING] += low_rank(tensors[EMBEDDING].shape, 4, 1.0, g, tensors[EMBEDDING])
+        tensors[q_proj] += low_rank(tensors[q_proj].shape, 4, 0.5, g, tensors[q_proj])
+        tensors[norm] *= 1 + 0.1 * torch.randn(tensors[norm].shape, generator=g)
+        (tmp_path / name).mkdir()
+        for f in (tmp_path / "base").iterdir():
+            (tmp_path / name / f.name).write_bytes(f.read_bytes())
+        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+    run_extract(tmp_path / "base", tmp_path / "ftA", tmp_path / "ab", cfg, rank=4, dtype="fp32")
+    run_extract(tmp_path / "ftA", tmp_path / "ftB", tmp_path / "bc", cfg, rank=8, dtype="fp32")
+    compose([tmp_path / "ab", tmp_path / "bc"], [1.0, 1.0], tmp_path / "ac")
+    config = json.loads((tmp_path / "ac" / "adapter_config.json").read_text())
+    assert config["ensure_weight_tying"] is True and config["modules_to_save"]
+    factors = load_file(tmp_path / "ac" / "adapter_model.safetensors")
+    head = factors["base_model.model.lm_head.lora_A.weight"]
+    assert torch.equal(head, factors["base_model.model.model.embed_tokens.lora_embedding_B"].T)
+    assert torch.equal(factors[f"base_model.model.{norm}"], load_file(tmp_path / "ftB" / "model.safetensors")[norm])
+    metrics = assert_streamed_equals_in_memory(
+        local_manifest(tmp_path / "base", tmp_path / "ftB"), tmp_path / "ac", cfg.validate
+    )
+    assert metrics["kl_adapted"] <= 1e-4 and metrics["kl_base"] > 0.1
+    with pytest.raises(WeightdiffError, match="saves .*input_layernorm.* whole"):
+        compose([tmp_path / "ab"], [-1.0], tmp_path / "ba")

@@ -288,12 +288,14 @@ def compose(
             )
     chain = chained(adapters, weights, unchecked)
     sites = checked_sites(adapters)
+    tied = next((a.provenance["tied"] for a in adapters if a.provenance.get("tied")), None)
     sums: dict[str, Sum] = {}
     for adapter, w in zip(adapters, weights, strict=True):
         for module in adapter.saved:
             sums[module] = Sum(saved=adapter.saved_tensors(module))
         for path, site in adapter.sites.items():
-            sums.setdefault(path, Sum()).add(site, *adapter.term(site, w))
+            if not (tied and path == tied[1]):  # a tied head's factors are its embedding's, written with them
+                sums.setdefault(path, Sum()).add(site, *adapter.term(site, w))
     factors: dict[str, torch.Tensor] = {}
     saved: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -318,14 +320,17 @@ def compose(
             continue
         ranks[path] = A.shape[-2]
         factors |= site_factors(site, B.to(dtype), A.to(dtype))
+        if tied and path == tied[0]:  # PEFT's ensure_weight_tying: the head's LoRA is the embedding's, transposed
+            head_a, head_b = lora_keys(tied[1])
+            factors[head_a], factors[head_b] = B[0].T.to(dtype).contiguous(), A[0].T.to(dtype).contiguous()
         if total.bias is not None:
             factors[lora_bias_key(path)] = total.bias.to(dtype)
     if not factors and not saved:
         raise WeightdiffError("the adapters cancel: their composition is zero on every module")
     wrappers = wrapper_paths([p for p in ranks if sites[p].kind == "experts"], expert_order(adapters))
     factors = {expert_key(k, wrappers): v for k, v in factors.items()}
-    tied = next((a.provenance["tied"] for a in adapters if a.provenance.get("tied")), None)
-    config = composed_config(adapters, chain, sites, ranks, sorted({m for m in sums if sums[m].saved is not None}))
+    saved_modules = sorted(m for m in sums if sums[m].saved is not None)
+    config = composed_config(adapters, chain, sites, ranks, saved_modules, tied[1] if tied else None)
     if any(k.endswith(".lora_B.bias") for k in factors):
         config["lora_bias"] = True
         for path in ranks:
@@ -392,17 +397,23 @@ def expert_order(adapters: list[Adapter]) -> tuple[str, ...]:
 
 
 def composed_config(
-    adapters: list[Adapter], chain: Chain, sites: dict[str, Site], ranks: dict[str, int], saved: list[str]
+    adapters: list[Adapter],
+    chain: Chain,
+    sites: dict[str, Site],
+    ranks: dict[str, int],
+    saved: list[str],
+    tied_head: str | None,
 ) -> dict:
     """adapter_config.json of the composition: the first adapter's, with the targets, ranks and saves it now has.
 
     The target fields are kept where every adapter has the same fields and modules; otherwise they list the paths
-    with factors, which PEFT's suffix rule matches exactly.
+    with factors, which PEFT's suffix rule matches exactly. A tied LM head is the embedding's: not a target.
     """
     first = adapters[0].config
     fields = ("target_modules", "target_parameters")
     same = all(
-        tuple(a.config.get(f) for f in fields) == tuple(first.get(f) for f in fields) and set(a.sites) == set(ranks)
+        tuple(a.config.get(f) for f in fields) == tuple(first.get(f) for f in fields)
+        and set(a.sites) - {tied_head} == set(ranks)
         for a in adapters
     )
     r = max(ranks.values(), default=first["r"])
