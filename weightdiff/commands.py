@@ -117,6 +117,20 @@ def gguf_command(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=1))
 
 
+def publish_command(args: argparse.Namespace) -> None:
+    from weightdiff.publish import publish
+    from weightdiff.settings import updated
+
+    cfg = settings("demo:a", "demo:b", args.overrides)  # no models are read: the card takes them from the manifest
+    chosen = {"repo": args.repo_id, "revision": args.revision, "private": args.private or None}
+    given = {"adapter": args.adapter, "gguf": args.gguf, "paper": args.paper, "validate_metrics": args.validation}
+    record = publish(
+        updated(cfg.publish, **{k: v for k, v in chosen.items() if v is not None}),
+        updated(cfg.paths, **{k: v for k, v in given.items() if v is not None}),
+    )
+    print(f"{record['url']}: {len(record['files'])} files on {record['repo']}@{record['revision']}")
+
+
 def compose_command(args: argparse.Namespace) -> None:
     from weightdiff.compose import compose
 
@@ -163,6 +177,28 @@ def parser() -> argparse.ArgumentParser:
     gg.add_argument("-o", "--output", required=True, help="the .gguf file to write")
     gg.add_argument("--base", help="the base model (default: adapter_config.json's base_model_name_or_path)")
     gg.set_defaults(run=gguf_command)
+
+    pu = command(
+        "publish",
+        "the adapter, a model card with the run's numbers, the GGUF and the paper as one commit to a Hub model repo "
+        "(made when missing; HF_TOKEN or `hf auth login`)",
+        epilog="Run from the pipeline's directory, it publishes the last run's outputs; a missing GGUF or paper is "
+        "left out and said. The repo loads as it is: PeftModel.from_pretrained(base, REPO_ID).",
+    )
+    pu.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repo, org/name")
+    pu.add_argument("--adapter", help="the PEFT adapter directory (default: artifacts/adapter)")
+    pu.add_argument("--gguf", help="a .gguf file, or a directory of them (default: artifacts/gguf; none: left out)")
+    pu.add_argument("--paper", help="the paper's directory (default: reports/paper; none: left out)")
+    pu.add_argument("--validation", help="validate's metrics for the card (default: metrics/validate.json)")
+    pu.add_argument("--revision", help="the branch to commit to, made from main when missing (default: main)")
+    pu.add_argument("--private", action="store_true", help="make the repo private if it is new")
+    pu.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="publish.commit_message=..., or paths.<key>=... for any other input (paths.figures, paths.manifest)",
+    )
+    pu.set_defaults(run=publish_command)
 
     co = command(
         "compose",

@@ -8,6 +8,7 @@ choices. tests/test_config.py checks that the defaults here equal conf/'s values
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
@@ -354,6 +355,28 @@ class GgufSettings:
     )
 
 
+# A Hub repo id as create_repo takes it: org/name, or a bare name in the token owner's namespace.
+REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+
+
+@dataclass
+class PublishSettings:
+    repo: str | None = helped(
+        None,
+        "a Hub model repo (org/name) to upload the adapter, its model card, the GGUF and the paper to, made when "
+        "missing; null: the publish stage does nothing and never reaches the network",
+    )
+    revision: str = helped("main", "the branch to commit to, made from main when missing")
+    private: bool = helped(False, "make a new repo private (an existing repo keeps its visibility)")
+    commit_message: str | None = helped(None, "null: one from the run's numbers (rank, energy kept, gap closed)")
+
+    def __post_init__(self) -> None:
+        if self.repo is not None and not REPO_ID.fullmatch(self.repo):
+            raise fail("publish.repo", self.repo, "a Hub repo id (org/name) or null")
+        if not self.revision.strip():
+            raise fail("publish.revision", self.revision, "a branch name")
+
+
 @dataclass
 class Paths:
     """Where stages read and write, from the repository root: wiring, not experiment knobs, so not in params.yaml
@@ -374,6 +397,7 @@ class Paths:
     gguf_metrics: str = "metrics/gguf.json"
     figures: str = "reports/figures"
     paper: str = "reports/paper"
+    publish_record: str = "metrics/publish.json"
 
 
 @dataclass
@@ -386,6 +410,7 @@ class Settings:
     extract: ExtractSettings = field(default_factory=ExtractSettings)
     validate: ValidateSettings = field(default_factory=ValidateSettings)
     gguf: GgufSettings = field(default_factory=GgufSettings)
+    publish: PublishSettings = field(default_factory=PublishSettings)
     paths: Paths = field(default_factory=Paths)
 
 
