@@ -45,7 +45,7 @@ demo: setup
 	@echo "adapter (GGUF):   artifacts/gguf/adapter.gguf  (none if metrics/gguf.json says written: false)"
 	@echo "metrics:          metrics/extract.json metrics/validate.json metrics/gguf.json  (dvc metrics show)"
 	@echo "figures:          reports/figures/"
-	@echo "paper:            reports/paper/paper.md reports/paper/paper.pdf"
+	@echo "paper:            reports/paper/paper.typ reports/paper/paper.pdf"
 
 test: setup
 	. $(BIN)/activate && python -m pytest -q -m "not slow and not llamacpp and not ray"

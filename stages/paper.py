@@ -1,4 +1,4 @@
-"""Stage 8: reports/paper/paper.md and paper.pdf from this run's own numbers and figures."""
+"""Stage 8: reports/paper/paper.typ and paper.pdf from this run's own numbers and figures."""
 
 from pathlib import Path
 

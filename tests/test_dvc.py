@@ -103,7 +103,7 @@ def test_first_repro_runs_all_eight_stages(project, reproduced):
         "artifacts/gguf/adapter.gguf",
         "metrics/validate.json",
         "reports/figures/energy_vs_rank.png",
-        "reports/paper/paper.md",
+        "reports/paper/paper.typ",
         "reports/paper/paper.pdf",
     ]:
         assert (project.root / out).is_file(), out

@@ -1,15 +1,22 @@
 """The paper from synthetic runs: its numbers come from the inputs, its sentences follow the options the run had
-(rank policy, experts, extras), its verdicts follow the numbers, and the PDF is whole."""
+(rank policy, experts, extras), its verdicts follow the numbers, and the PDF is typeset: mathematics in a math
+font, numbered figures, tables and sections that the text refers to, and references.
+
+Assertions on the prose read the Typst source with its escapes undone (`plain`): q_proj is written q\\_proj there.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import jinja2
 import networkx as nx
 import pymupdf
 import pytest
+import typst
 from dvc.repo import Repo
 
 from helpers_report import (
@@ -22,7 +29,7 @@ from helpers_report import (
 )
 from weightdiff.figures import FIGURE_NAMES, write_figures
 from weightdiff.metrics import energy_curves
-from weightdiff.report import facts
+from weightdiff.report import facts, markup
 from weightdiff.report.facts import (
     energy_at,
     energy_verdict,
@@ -39,7 +46,7 @@ from weightdiff.report.facts import (
     rank_text,
     target_names,
 )
-from weightdiff.report.paper import paper_markdown, write_paper
+from weightdiff.report.paper import paper_source, typst_pdf, write_paper
 
 SHA_A = "060db6499f32faf8b98477b0a26969ef7d8b9987"
 SHA_B = "7ae557604adf67be50417f59c2c2f167def9a775"
@@ -111,8 +118,18 @@ def synthetic_run(reports: list[dict] | None = None, policy: str = "fixed") -> d
     }
 
 
-def markdown_of(run: dict, root: Path = Path("/repo")) -> str:
-    return paper_markdown(facts.paper_facts(run, root / "reports" / "figures", root / "reports" / "paper"))
+def plain(source: str) -> str:
+    """The Typst source with its escapes undone, so that assertions read names as they are."""
+    return re.sub(r"\\(.)", r"\1", source)
+
+
+def source_of(run: dict, root: Path = Path("/repo")) -> str:
+    return plain(paper_source(facts.paper_facts(run, root / "reports" / "figures", root / "reports" / "paper")))
+
+
+def pdf_text(path: Path) -> str:
+    """The PDF's text, whitespace collapsed (lines break where Typst set them)."""
+    return " ".join(" ".join(page.get_text() for page in pymupdf.open(path)).split())
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +141,8 @@ def paper(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_paper(run, root / "reports" / "figures", root / "reports" / "paper")
 
 
-def test_markdown_carries_the_runs_numbers(paper: tuple[Path, Path]) -> None:
-    text = paper[0].read_text()
+def test_the_source_carries_the_runs_numbers(paper: tuple[Path, Path]) -> None:
+    text = plain(paper[0].read_text())
     for expected in (
         "rank-4",
         "r = 4",
@@ -154,21 +171,13 @@ def test_markdown_carries_the_runs_numbers(paper: tuple[Path, Path]) -> None:
         "B read from a fetched snapshot (61 BF16 tensors); units run by the ray executor",
     ):
         assert expected in text, expected
-    for heading in (
-        "## Abstract",
-        "## 1. Introduction",
-        "## 2. Method",
-        "## 3. Experiments",
-        "## 4. Results",
-        "## 5. Discussion",
-        "## 6. Conclusion",
-    ):
-        assert heading in text
-    assert "ΔW is not low-rank" in text  # energy 0.61 must not be called low-rank
+    for heading in ("Introduction", "Method", "Experiments", "Results", "Discussion", "Conclusion"):
+        assert f"\n= {heading}\n" in text
+    assert "$Delta W$ is not low-rank" in text  # energy 0.61 must not be called low-rank
 
 
 def test_claims_false_under_some_options_are_gone(paper: tuple[Path, Path]) -> None:
-    text = paper[0].read_text()
+    text = plain(paper[0].read_text())
     for gone in ("2-D linear layer", "Peak memory", "two tensors plus the SVD workspace", "is not carried over"):
         assert gone not in text, gone
 
@@ -176,114 +185,196 @@ def test_claims_false_under_some_options_are_gone(paper: tuple[Path, Path]) -> N
 def test_rank_subsection_reads_the_energy_curve() -> None:
     run = synthetic_run()
     curve = run["energy"]
-    text = markdown_of(run)
+    text = source_of(run)
     assert (
-        f"At r/2 = 2 the fraction would be\n{fmt_energy(curve[1]['energy'])}, and at rank 1 "
+        f"At $r/2 = 2$ the fraction would be\n{fmt_energy(curve[1]['energy'])}, and at rank 1 "
         f"{fmt_energy(curve[0]['energy'])}" in text
     )
     run["energy"] = [row | {"energy": 0.25 * row["rank"] - 0.01} for row in curve]  # a curve no spectrum gives
-    assert "the fraction would be\n0.4900, and at rank 1 0.2400" in markdown_of(run)
+    assert "the fraction would be\n0.4900, and at rank 1 0.2400" in source_of(run)
 
 
 def test_the_paper_says_what_doubling_the_rank_would_keep_where_the_curve_reaches_it() -> None:
     run = synthetic_run()
     run["energy"] = [{"rank": k, "energy": 0.1 * k} for k in range(1, 2 * RANK + 1)]
-    assert f"Doubling the rank to {2 * RANK} would keep at least {fmt_energy(0.8)}" in markdown_of(run)
+    assert f"Doubling the rank to {2 * RANK} would keep at least {fmt_energy(0.8)}" in source_of(run)
     run["energy"] = run["energy"][: 2 * RANK - 1]  # a curve that stops short of 2r says nothing of it
-    assert "Doubling the rank" not in markdown_of(run)
+    assert "Doubling the rank" not in source_of(run)
 
 
 def test_a_fixed_rank_paper_says_one_rank_and_no_spread() -> None:
-    text = markdown_of(synthetic_run())
-    assert "a rank-4 LoRA adapter" in text and "At rank r = 4 the adapter covers" in text
-    assert "| Rank policy | fixed |" in text and "rank_pattern" not in text and "adaptive" not in text
+    text = source_of(synthetic_run())
+    assert "a rank-4 LoRA adapter" in text and "At rank $r = 4$ the adapter covers" in text
+    assert "[Rank policy], [fixed]," in text and "rank_pattern" not in text and "adaptive" not in text
     assert "rank-clamped" in text
 
 
 def test_an_adaptive_rank_paper_prints_the_adapters_r_and_the_spread() -> None:
     run = synthetic_run(synthetic_reports(ADAPTIVE_RANKS), policy="energy")
     assert run["extract"]["rank"] == 8 and run["params"]["extract"]["rank"] == RANK
-    text = markdown_of(run)
-    assert "an adaptive-rank (r = 8) LoRA adapter" in text
-    assert "energy policy: ranks 2–8, mean 5.0, so PEFT's r = 8" in text
-    assert "| Rank r | 8 (per-module ranks 2–8, mean 5.0) |" in text
-    assert "| Rank policy | energy (target 0.9, cap 64) |" in text
-    assert "keeps 0.9 of the module's ‖ΔW‖²_F, capped at\n64" in text
-    assert "Each module's α_i is its own r_i, so s_i = 1." in text
+    text = source_of(run)
+    assert "an adaptive-rank ($r = 8$) LoRA adapter" in text
+    assert "energy policy: ranks 2–8, mean 5.0, so PEFT's $r = 8$" in text
+    assert "[Rank $r$], [8 (per-module ranks 2–8, mean 5.0)]," in text
+    assert "[Rank policy], [energy (target 0.9, cap 64)]," in text
+    assert "keeps 0.9 of the module's $norm(Delta W)_F^2$,\ncapped at 64" in text
+    assert "Each module's $alpha_i$ is its own $r_i$, so $s_i = 1$." in text
     mean_rank = round(run["extract"]["rank_mean"])
     at_mean = fmt_energy(energy_at(run["energy"], mean_rank))
     assert f"A fixed rank of the\nsame mean size, {mean_rank}, would keep {at_mean}" in text
     assert "the adapter, at ranks 2–8 (mean 5.0), keeps only 61.2%" in text
     assert "rank-4" not in text and "r = 4" not in text and "rank-clamped" not in text
-    noise = markdown_of(synthetic_run(synthetic_reports(ADAPTIVE_RANKS), policy="noise_floor"))
-    assert "rounding noise" in noise and "| Rank policy | noise_floor (cap 64) |" in noise
+    noise = source_of(synthetic_run(synthetic_reports(ADAPTIVE_RANKS), policy="noise_floor"))
+    assert "rounding noise" in noise and "[Rank policy], [noise_floor (cap 64)]," in noise
 
 
 def test_experts_are_mentioned_only_when_there_are_lora_experts() -> None:
-    plain = markdown_of(synthetic_run())
+    plain = source_of(synthetic_run())
     assert "expert" not in plain.lower()
-    moe = markdown_of(synthetic_run(synthetic_reports() + expert_reports()))
+    moe = source_of(synthetic_run(synthetic_reports() + expert_reports()))
     assert "6 of them fused MoE expert parameters of 4 experts each" in moe
     assert "a stack of 4 matrices, one per expert" in moe
-    assert "| MoE experts | 6 fused parameters in 3 layers, 4 experts each, per-expert ranks 2–3 |" in moe
+    assert "[MoE experts], [6 fused parameters in 3 layers, 4 experts each, per-expert ranks 2–3]," in moe
     assert "the worst expert keeps 0.7000" in moe
-    assert "| experts.gate_up_proj | 4×128×64 | 3 | 0 |" in moe
+    assert "[experts.gate_up_proj], [4×128×64], [3], [0]," in moe
 
 
 def test_extras_are_described_only_when_present() -> None:
     bare = [r for r in synthetic_reports() if r["action"] != "lora_embedding"]
-    plain = markdown_of(synthetic_run(bare))
+    plain = source_of(synthetic_run(bare))
     for absent in ("modules_to_save", "lora_bias", "lora_embedding", "left out", "and extras"):
         assert absent not in plain, absent
     assert "deltas in other tensors are not carried over" in plain
 
-    text = markdown_of(synthetic_run(synthetic_reports() + extra_reports()))
-    assert "### 2.5 Targets and extras" in text
+    text = source_of(synthetic_run(synthetic_reports() + extra_reports()))
+    assert "== Targets and extras <sec-targets>" in text
     assert "Saved whole (PEFT `modules_to_save`): `model.norm` (1 module,\n  128 bytes)" in text
     assert "carried whole in `lora_B.bias` (PEFT `lora_bias`): 1." in text
     assert "Embedding tables as LoRA factors (`lora_embedding_A`/`lora_embedding_B`): 1." in text
-    assert "Measured and left out: 1 tensor (input_layernorm) with a combined ‖ΔW‖_F of\n  0.300" in text
-    assert "**What the adapter leaves out.**" in text and "not carried over" not in text
+    assert "Measured and left out: 1 tensor (input_layernorm) with a combined $norm(Delta W)_F$ of\n  0.300" in text
+    assert "*What the adapter leaves out.*" in text and "not carried over" not in text
 
 
-def test_markdown_links_figures_relative_to_the_paper(paper: tuple[Path, Path]) -> None:
-    text = paper[0].read_text()
+FIGURE_LABELS = ("fig-norms", "fig-energy", "fig-pipeline", "fig-heatmap", "fig-divergence")
+
+
+def test_figures_are_read_relative_to_the_paper_numbered_and_referenced(paper: tuple[Path, Path]) -> None:
+    source = paper[0].read_text()
     for name in FIGURE_NAMES:
-        assert f"](../figures/{name})" in text
+        assert f'plot("../figures/{name}")' in source
         assert (paper[0].parent / "../figures" / name).is_file()
-    numbers = [text.index(f"*Figure {i}: ") for i in range(1, len(FIGURE_NAMES) + 1)]
-    assert numbers == sorted(numbers), "figures are numbered in the order they appear"
+    for label in FIGURE_LABELS:
+        assert f") <{label}>" in source and f"@{label}" in source, label
+    text = pdf_text(paper[1])
+    captions = [text.index(f"Figure {i}: ") for i in range(1, len(FIGURE_NAMES) + 1)]
+    assert captions == sorted(captions), "figures are numbered in the order they appear"
+    for i in range(1, len(FIGURE_NAMES) + 1):
+        assert re.search(rf"Figure {i}(?!:)", text), f"figure {i} is not referenced in the text"
+
+
+def test_tables_sections_and_equations_are_numbered_and_referenced(paper: tuple[Path, Path]) -> None:
+    source, text = paper[0].read_text(), pdf_text(paper[1])
+    for label in ("tab-setup", "tab-modules", "tab-results", "tab-agreement"):
+        assert f") <{label}>" in source and f"@{label}" in source, label
+    for i in range(1, 5):
+        assert f"Table {i}: " in text and re.search(rf"Table {i}(?!:)", text), i
+    for heading in ("1 Introduction", "2 Method", "2.2 Truncated SVD", "3 Experiments", "4 Results", "6 Conclusion"):
+        assert heading in text, heading
+    assert "Abstract" in text and "Equation 4" in text and "Section 2.5" in text
+
+
+def test_equations_are_typst_math_in_a_math_font(paper: tuple[Path, Path]) -> None:
+    source = paper[0].read_text()
+    for equation in (
+        "$ Delta W = W_B - W_A = Delta_B - Delta_A. $ <eq-delta>",
+        "sum_(j > r) sigma_j^2. $ <eq-eckart-young>",
+        "$ E_i = (sum_(j <= r) sigma_j^2) / norm(Delta W_i)_F^2, $ <eq-energy>",
+        "s = alpha / r. $ <eq-scaling>",
+        '$ "KL"(B || M) = 1/N sum_(t=1)^N',
+        '$ "gap closed" = 1 - ("KL"(B || A + "adapter")) / ("KL"(B || A)), $ <eq-gap>',
+    ):
+        assert equation in source, equation
+    doc = pymupdf.open(paper[1])
+    fonts = {font[3].partition("+")[2] for page in doc for font in page.get_fonts()}
+    assert any(f.startswith("NewCMMath") for f in fonts), fonts
+    assert any(f.startswith("LibertinusSerif") for f in fonts), fonts
+    assert re.search(r"\(7\)", pdf_text(paper[1])), "display equations are numbered"
+
+
+def test_references_are_cited_and_listed(paper: tuple[Path, Path]) -> None:
+    source, text = paper[0].read_text(), pdf_text(paper[1])
+    for key in ("hu2021lora", "eckart1936", "halko2011", "peft", "llamacpp"):
+        assert f"@{key}" in source, key
+    references = text[text.index("References [1]") :]
+    for work in ("LoRA: Low-Rank Adaptation", "Eckart", "Halko", "PEFT", "llama.cpp"):
+        assert work in references, work
+    assert "[5]" in references and "[6]" not in references
 
 
 def test_pdf_has_pages_text_and_unclipped_figures(paper: tuple[Path, Path]) -> None:
     doc = pymupdf.open(paper[1])
     assert doc.page_count >= 2
-    text = " ".join(" ".join(page.get_text() for page in doc).split())
-    for expected in ("2.50 × 10⁻⁶", "56.2:1", SHA_A, "KL(B ‖ A + adapter)", "Σ_r", "σ₁", "Energy kept"):
+    text = pdf_text(paper[1])
+    for expected in ("2.50 × 10⁻⁶", "56.2:1", SHA_A, "model.layers.1.self_attn.v_proj.weight", "Energy kept"):
         assert expected in text, expected
+    assert "\\" not in text and "#" not in text, "an escape or a macro's output was printed twice escaped"
     placed = [(page, rect) for page in doc for xref, *_ in page.get_images() for rect in page.get_image_rects(xref)]
     assert len(placed) == len(FIGURE_NAMES)
     for page, rect in placed:
         assert page.rect.contains(rect), f"figure at {rect} runs off page {page.number}"
-    assert sorted(p.name for p in paper[1].parent.iterdir()) == ["paper.md", "paper.pdf"]
+    assert sorted(p.name for p in paper[1].parent.iterdir()) == ["paper.pdf", "paper.typ"]
+
+
+def test_the_source_has_no_list_or_heading_a_value_made(paper: tuple[Path, Path]) -> None:
+    """A source line that starts with "64." is a numbered list item: the template breaks no line before a value."""
+    query = lambda selector: json.loads(  # noqa: E731
+        typst.query(paper[0], selector, root=paper[0].parents[1], ignore_system_fonts=True)
+    )
+    assert query("enum") == []
+    headings = re.findall(r"^=+ ", paper[0].read_text(), re.MULTILINE)
+    assert len(query("heading")) == len(headings) + 1  # and the bibliography's title
+
+
+def test_the_pdf_is_the_same_bytes_each_time(paper: tuple[Path, Path]) -> None:
+    assert typst_pdf(paper[0], paper[0].parents[1]) == paper[1].read_bytes()
+
+
+def test_names_with_markup_characters_are_printed_as_they_are(paper: tuple[Path, Path], tmp_path: Path) -> None:
+    odd = "org/we*ird_[name]#1 $x$ @y <z> ~`q`"
+    run = synthetic_run()
+    run["params"] |= {"model_b": odd}
+    run["manifest"]["model_b"]["source"] = odd
+    run["validate"]["verdict_summary"] += " // not a comment -- nor a dash"
+    typ, pdf = write_paper(run, paper[0].parent.parent / "figures", tmp_path / "paper")
+    text = pdf_text(pdf).replace(" ", "")  # lines may break inside the name
+    assert text.count(odd.replace(" ", "")) >= 4 and "//notacomment--noradash" in text
+
+
+def test_escaping() -> None:
+    assert markup.escape("self_attn.q_proj[0]") == "self\\_attn.q\\_proj\\[0\\]"
+    assert markup.escape("- 3. a//b") == "\\- 3. a\\//b" and markup.escape("64. x") == "64\\. x"
+    assert markup.finalize(markup.Markup("$x_1$")) == "$x_1$" and markup.finalize(4) == "4"
+    assert markup.code("a_b") == "`a_b`" and markup.code("a`b") == '#raw("a`b");'
+    assert markup.quoted('a"b\\c') == '"a\\"b\\\\c"'
 
 
 def test_the_pdf_renderer_is_replaceable(tmp_path: Path) -> None:
     seen = {}
 
-    def renderer(text: str, base_dir: Path) -> bytes:
-        seen.update(text=text, base_dir=base_dir)
+    def renderer(source: Path, root: Path) -> bytes:
+        seen.update(source=source, text=source.read_text(), root=root)
         return b"%PDF-stand-in"
 
-    md, pdf = write_paper(synthetic_run(), tmp_path / "figures", tmp_path / "paper", render_pdf=renderer)
-    assert pdf.read_bytes() == b"%PDF-stand-in" and seen == {"text": md.read_text(), "base_dir": tmp_path / "paper"}
+    typ, pdf = write_paper(synthetic_run(), tmp_path / "figures", tmp_path / "paper", render_pdf=renderer)
+    assert pdf.read_bytes() == b"%PDF-stand-in"
+    assert seen == {"source": typ, "text": typ.read_text(), "root": tmp_path.resolve()}
 
 
 def test_a_fact_the_template_needs_but_lacks_is_an_error() -> None:
     run_facts = facts.paper_facts(synthetic_run(), Path("f"), Path("p"))
     del run_facts["curve"]
     with pytest.raises(jinja2.UndefinedError, match="curve"):
-        paper_markdown(run_facts)
+        paper_source(run_facts)
 
 
 def test_verdicts_follow_the_numbers() -> None:
@@ -302,9 +393,9 @@ def test_verdict_sentences_follow_the_verdicts() -> None:
     run = synthetic_run()
     run["extract"] |= {"energy": 0.9995}
     run["validate"] |= {"kl_adapted": 0.2}
-    text = markdown_of(run)
-    assert "ΔW is numerically low-rank: the adapter, at rank 4, keeps all but 5.00 × 10⁻⁴" in text
-    assert "The adapter increases KL(B ‖ ·) by a factor of 2.40: it makes A less like B." in text
+    text = source_of(run)
+    assert "$Delta W$ is numerically low-rank: the adapter, at rank 4, keeps all but 5.00 × 10⁻⁴" in text
+    assert 'The adapter increases $"KL"(B || dot)$ by a factor of 2.40: it makes A less like B.' in text
     assert "the adapter does not move A towards B" in text
 
 
@@ -432,7 +523,7 @@ def test_the_stages_hand_their_files_to_figures_and_paper(tmp_path: Path, monkey
     figures_stage.main(cfg)
     paper_stage.main(cfg)
     assert sorted(p.name for p in (tmp_path / "reports/figures").iterdir()) == sorted(FIGURE_NAMES)
-    text = (tmp_path / "reports/paper/paper.md").read_text()
+    text = (tmp_path / "reports/paper/paper.typ").read_text()
     assert "a rank-4 LoRA adapter" in text and (tmp_path / "reports/paper/paper.pdf").read_bytes()[:5] == b"%PDF-"
 
 
@@ -443,12 +534,12 @@ def test_the_verdict_is_by_function_and_energy_only_explains_it() -> None:
         "verdict": "falls_short",
         "verdict_summary": "A + adapter falls short of B (target 99.0%) although rank 4 keeps 99.9% of ‖ΔW‖²",
     }
-    text = markdown_of(run)
+    text = source_of(run)
     assert "Judged by what it does rather than by the energy\nit keeps: A + adapter falls short of B" in text
-    assert "**Verdict** (A + adapter counts as reproducing B when it closes at least 99.0% of the KL gap)" in text
-    assert "- **A + adapter falls short of B**: A + adapter falls short of B (target 99.0%)" in text
+    assert "*Verdict* (A + adapter counts as reproducing B when it closes at least 99.0% of the KL gap)" in text
+    assert "- *A + adapter falls short of B*: A + adapter falls short of B (target 99.0%)" in text
     assert "The energy kept, below, explains this verdict; it does not make it." in text
-    assert "**A + adapter reproduces B**" in markdown_of(synthetic_run())
+    assert "*A + adapter reproduces B*" in source_of(synthetic_run())
 
 
 def test_what_the_adapter_and_the_gguf_leave_out_is_listed_with_shares_and_reasons() -> None:
@@ -460,17 +551,17 @@ def test_what_the_adapter_and_the_gguf_leave_out_is_listed_with_shares_and_reaso
     run["gguf"]["left_out"] = [
         {"tensor": f"model.layers.{i}.input_layernorm", "reason": "a full weight (modules_to_save)"} for i in range(4)
     ] + [{"tensor": "model.layers.0.self_attn.q_proj.lora_B.bias", "reason": "llama.cpp applies no LoRA bias"}]
-    text = markdown_of(run)
+    text = source_of(run)
     assert (
-        "**What the adapter leaves out.** lm_head (1 tensor, 5% of\n  ‖ΔW‖²: extract.profile=serving); "
-        "input_layernorm (30 tensors, 0.04% of\n  ‖ΔW‖²: extract.extras.norms=skip)."
+        "*What the adapter leaves out.* lm_head (1 tensor, 5% of\n  $norm(Delta W)^2$: extract.profile=serving); "
+        "input_layernorm (30 tensors, 0.04% of\n  $norm(Delta W)^2$: extract.extras.norms=skip)."
     ) in text
-    assert "| GGUF export | llama, 44 tensors, f32; 5 adapter tensors left out (§5.2) |" in text
+    assert "[GGUF export], [llama, 44 tensors, f32; 5 adapter tensors left out (@sec-limitations)]," in text
     assert "4 tensors (`model.layers.0.input_layernorm`, `model.layers.1.input_layernorm`," in text
     assert ": a full weight (modules_to_save); 1 tensor (`model.layers.0.self_attn.q_proj.lora_B.bias`)" in text
 
     run["gguf"] |= {"written": False, "reason": "llama.cpp has no LoRA support for model_type 'bert'", "left_out": []}
-    text = markdown_of(run)
-    assert "| GGUF export | not written: llama.cpp has no LoRA support for model_type 'bert' |" in text
-    assert "**No GGUF adapter.** llama.cpp has no LoRA support for model_type 'bert'; the PEFT adapter" in text
+    text = source_of(run)
+    assert "[GGUF export], [not written: llama.cpp has no LoRA support for model_type 'bert']," in text
+    assert "*No GGUF adapter.* llama.cpp has no LoRA support for model_type 'bert'; the PEFT adapter" in text
     assert "GGUF adapter size" not in text

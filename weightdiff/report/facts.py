@@ -2,7 +2,7 @@
 
 Pure functions of tensors.json (a list of tensor reports), metrics/*.json, the energy curve CSV and the
 params, so that each can be tested on hand-made inputs. Verdicts are short keys (e.g. "not_low_rank"), not
-sentences: the sentences live in paper.md.j2, where a reviewer sees which of them are conditional.
+sentences: the sentences live in paper.typ.j2, where a reviewer sees which of them are conditional.
 """
 
 from __future__ import annotations
@@ -367,11 +367,10 @@ def divergence_facts(layers: list[dict]) -> dict | None:
 # ---------------------------------------------------------------- the run's setting
 
 
-def model_line(entry: dict) -> str:
-    """Where a model came from: source, kind and the pinned revision (or that none was recorded)."""
-    revision = f"revision `{entry['revision']}`" if entry.get("revision") else "no revision recorded"
+def model_facts(entry: dict) -> dict:
+    """Where a model came from: source, kind, the pinned revision (None when none was recorded), weights' bytes."""
     weights = sum(f["size"] for f in entry.get("files", []) if f["name"].endswith(".safetensors"))
-    return f"`{entry['source']}` ({entry['kind']}; {revision}; weights {fmt_bytes(weights)})"
+    return {"source": entry["source"], "kind": entry["kind"], "revision": entry.get("revision"), "weights": weights}
 
 
 READ = {
@@ -408,16 +407,13 @@ def target_names(params: dict) -> list[str]:
     return [targets] if isinstance(targets, str) else list(targets)
 
 
-def figure_links(figures_dir: Path, out_dir: Path) -> dict[str, dict]:
-    """Figure name → its number in the paper and its path relative to the paper (so it renders in the repo)."""
-    return {
-        name: {"number": i + 1, "link": Path(os.path.relpath(figures_dir / name, out_dir)).as_posix()}
-        for i, name in enumerate(PAPER_FIGURES)
-    }
+def figure_links(figures_dir: Path, out_dir: Path) -> dict[str, str]:
+    """Figure name → its path relative to the paper, as Typst resolves an image path (it numbers the figures)."""
+    return {name: Path(os.path.relpath(figures_dir / name, out_dir)).as_posix() for name in PAPER_FIGURES}
 
 
 def paper_facts(run: dict, figures_dir: Path, out_dir: Path) -> dict:
-    """Everything paper.md.j2 prints, from the dict the paper stage assembles (FORMATS.md's files by name)."""
+    """Everything paper.typ.j2 prints, from the dict the paper stage assembles (FORMATS.md's files by name)."""
     reports, metrics, v, params = run["tensors"], run["extract"], run["validate"], run["params"]
     ranks = rank_facts(metrics, params)
     return {
@@ -425,8 +421,8 @@ def paper_facts(run: dict, figures_dir: Path, out_dir: Path) -> dict:
         "extract": metrics,
         "validate": v,
         "gguf": gguf_facts(run["gguf"]),
-        "model_a": model_line(run["manifest"]["model_a"]),
-        "model_b": model_line(run["manifest"]["model_b"]),
+        "model_a": model_facts(run["manifest"]["model_a"]),
+        "model_b": model_facts(run["manifest"]["model_b"]),
         "hardware": hardware_line(),
         "inputs": inputs_line(metrics["inputs"]),
         "targets": target_names(params),
