@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO
 
 pytestmark = pytest.mark.slow
-STAGES = ["download", "verify", "index", "extract", "validate", "gguf-convert", "figures", "paper"]
+STAGES = ["download", "verify", "index", "extract", "validate", "gguf-convert", "figures", "paper", "publish"]
 
 
 class Project:
@@ -96,7 +96,7 @@ def reproduced(project) -> list[str]:
     return stages
 
 
-def test_first_repro_runs_all_eight_stages(project, reproduced):
+def test_first_repro_runs_every_stage(project, reproduced):
     assert reproduced == STAGES
     for out in [
         "artifacts/adapter/adapter_model.safetensors",
@@ -111,6 +111,7 @@ def test_first_repro_runs_all_eight_stages(project, reproduced):
     assert validate["kl_adapted"] <= 1e-4 and validate["gap_closed"] >= 0.999 and validate["texts"] == "built-in"
     assert validate["verdict"] == "reproduces", validate["verdict_summary"]
     assert json.loads((project.root / "metrics/gguf.json").read_text())["written"] is True
+    assert json.loads((project.root / "metrics/publish.json").read_text()) == {"published": False}  # opt-in
 
 
 def test_second_repro_runs_nothing(project, reproduced):
@@ -124,7 +125,7 @@ def test_rank_change_reruns_extract_and_what_follows_only(project, reproduced):
     params.write_text(original.replace("  rank: auto\n", "  rank: 8\n"))
     status = project.run("dvc", "status")
     assert "extract:" in status and not re.search(r"^(download|verify|index):", status, re.M)
-    assert project.repro() == ["extract", "validate", "gguf-convert", "figures", "paper"]
+    assert project.repro() == ["extract", "validate", "gguf-convert", "figures", "paper", "publish"]
     assert json.loads((project.root / "metrics/extract.json").read_text())["rank"] == 8
     params.write_text(original)
     project.repro()  # back to the baseline, from the run cache

@@ -69,7 +69,7 @@ def make_run(root: Path, seed: int = 0) -> dict[str, bytes]:
         f"{p.adapter}/adapter_model.safetensors": save(factors),
         f"{p.gguf}/adapter.gguf": b"GGUF\x03\x00\x00\x00" + bytes(range(256)) * (seed + 1),
         f"{p.paper}/paper.pdf": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n" + bytes(64),
-        f"{p.paper}/paper.md": b"# The run\n\n![energy](../figures/energy_vs_rank.png)\n",
+        f"{p.paper}/paper.typ": b'= The run\n#image("../figures/energy_vs_rank.png")\n',
         f"{p.figures}/energy_vs_rank.png": b"\x89PNG\r\n\x1a\n" + bytes(32),
         p.manifest: json.dumps(manifest).encode(),
         p.extract_metrics: json.dumps(example('{"rank"')).encode(),
@@ -121,7 +121,7 @@ def test_the_repo_gets_the_card_the_adapter_the_gguf_and_the_paper(hub, tmp_path
         "adapter_model.safetensors": f"{p.adapter}/adapter_model.safetensors",
         "adapter.gguf": f"{p.gguf}/adapter.gguf",
         "paper/paper.pdf": f"{p.paper}/paper.pdf",
-        "paper/paper.md": f"{p.paper}/paper.md",
+        "paper/paper.typ": f"{p.paper}/paper.typ",
         "figures/energy_vs_rank.png": f"{p.figures}/energy_vs_rank.png",
     }
     for name, source in repo_paths.items():

@@ -150,6 +150,7 @@ def files_section(files: Sequence[str], gguf: dict | None) -> str:
         "adapter_config.json": "the PEFT adapter's configuration (r, lora_alpha, target_modules, rank_pattern)",
         "adapter_model.safetensors": "its LoRA factors",
         "paper/paper.pdf": "the run's report: method, numbers, figures",
+        "paper/paper.typ": "its Typst source (the figures it reads are under figures/)",
     }
     lines = ["## Files", ""]
     for name in files:
