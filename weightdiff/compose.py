@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from weightdiff.errors import WeightdiffError
 from weightdiff.files import write_json
@@ -289,21 +290,24 @@ def compose(
     chain = chained(adapters, weights, unchecked)
     sites = checked_sites(adapters)
     tied = next((a.provenance["tied"] for a in adapters if a.provenance.get("tied")), None)
-    sums: dict[str, Sum] = {}
-    for adapter, w in zip(adapters, weights, strict=True):
-        for module in adapter.saved:
-            sums[module] = Sum(saved=adapter.saved_tensors(module))
-        for path, site in adapter.sites.items():
-            if not (tied and path == tied[1]):  # a tied head's factors are its embedding's, written with them
-                sums.setdefault(path, Sum()).add(site, *adapter.term(site, w))
+    # a tied head's factors are its embedding's, written with them
+    modules = list(dict.fromkeys(m for a in adapters for m in [*a.saved, *a.sites] if not (tied and m == tied[1])))
     factors: dict[str, torch.Tensor] = {}
     saved: dict[str, torch.Tensor] = {}
+    saved_modules: list[str] = []
     ranks: dict[str, int] = {}
     stats: dict[str, dict] = {}
     dtype = max((a.factor_dtype() for a in adapters), key=lambda d: torch.finfo(d).bits)
-    for path, total in sums.items():
+    for path in tqdm(modules, desc="compose", unit="module"):  # one module's factors in memory at a time
+        total = Sum()
+        for adapter, w in zip(adapters, weights, strict=True):
+            if path in adapter.saved:
+                total = Sum(saved=adapter.saved_tensors(path))
+            if path in adapter.sites:
+                total.add(adapter.sites[path], *adapter.term(adapter.sites[path], w))
         if total.saved is not None:
             saved |= total.saved
+            saved_modules.append(path)
             continue
         site = sites[path]
         B, A, kept, spectrum = recompressed(total.terms, rank or max(total.ranks))
@@ -329,7 +333,6 @@ def compose(
         raise WeightdiffError("the adapters cancel: their composition is zero on every module")
     wrappers = wrapper_paths([p for p in ranks if sites[p].kind == "experts"], expert_order(adapters))
     factors = {expert_key(k, wrappers): v for k, v in factors.items()}
-    saved_modules = sorted(m for m in sums if sums[m].saved is not None)
     config = composed_config(adapters, chain, sites, ranks, saved_modules, tied[1] if tied else None)
     if any(k.endswith(".lora_B.bias") for k in factors):
         config["lora_bias"] = True
