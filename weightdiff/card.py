@@ -71,8 +71,18 @@ def intro(repo_id: str, base: str | None, manifest: dict | None) -> str:
     return "\n".join(lines)
 
 
-def megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+def size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def tensors(n: int) -> str:
+    return f"{n} tensor" + ("" if n == 1 else "s")
+
+
+def evaluation_text(texts: str | None) -> str:
+    """validate.json's `texts` in words: built-in, seeded ids, or the user's file."""
+    named = {"built-in": "weightdiff's built-in evaluation text", "seeded ids": "seeded random token ids"}
+    return named.get(texts or "built-in") or f"`{texts}`"
 
 
 def adapter_section(extract: dict) -> str:
@@ -84,17 +94,17 @@ def adapter_section(extract: dict) -> str:
         ("energy kept (Σ kept σ² / ‖ΔW‖²)", f"{extract['energy']:.4f}"),
     ]
     if "adapter_bytes" in extract:
-        size = megabytes(extract["adapter_bytes"])
+        stored = size(extract["adapter_bytes"])
         if extract.get("compression_ratio"):
-            size += f", {extract['compression_ratio']:.1f}× smaller than B's weights"
-        rows.append(("adapter size", size))
+            stored += f", {extract['compression_ratio']:.1f}× smaller than B's weights"
+        rows.append(("adapter size", stored))
     if "tensors_extracted" in extract:
         rows.append(("tensors with factors", f"{extract['tensors_extracted']} of {extract.get('tensors_total', '?')}"))
     for group in extract.get("left_out") or []:
         rows.append(
             (
                 f"left out: {group['module_type']}",
-                f"{group['tensors']} tensors, {group['share']:.2%} of ‖ΔW‖² ({group['reason']})",
+                f"{tensors(group['tensors'])}, {group['share']:.2%} of ‖ΔW‖² ({group['reason']})",
             )
         )
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -107,7 +117,7 @@ def fidelity_section(validate: dict) -> str:
     lines = [
         "## Fidelity",
         "",
-        f"Next-token distributions on {validate['tokens']} tokens of {validate.get('texts', 'evaluation text')}, "
+        f"Next-token distributions on {validate['tokens']} tokens of {evaluation_text(validate.get('texts'))}, "
         "teacher-forced, the adapter applied by PEFT:",
         "",
         "| | A + adapter | A alone |",
@@ -161,7 +171,7 @@ def files_section(files: Sequence[str], gguf: dict | None) -> str:
                 text += f" ({gguf['arch']}, {gguf['dtype']}, {gguf['tensors']} tensors)"
             if gguf and gguf.get("left_out"):
                 first = gguf["left_out"][0]
-                text += f"; {len(gguf['left_out'])} tensors stay out (e.g. {first['tensor']}: {first['reason']})"
+                text += f"; {tensors(len(gguf['left_out']))} left out (e.g. {first['tensor']}: {first['reason']})"
         if text:
             lines.append(f"- `{name}`: {text}")
     return "\n".join(lines) + "\n"
