@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from httpx2 import RequestError  # huggingface_hub 2's HTTP client: an unreachable Hub raises this, not an OSError
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from typing_extensions import NotRequired, TypedDict
@@ -28,11 +29,6 @@ from typing_extensions import NotRequired, TypedDict
 from weightdiff.card import model_card
 from weightdiff.errors import WeightdiffError
 from weightdiff.settings import Paths, PublishSettings
-
-try:  # the HTTP client under huggingface_hub (httpx2 from 2.x, httpx in 1.x); its RequestError is no OSError
-    from httpx2 import RequestError
-except ImportError:
-    from httpx import RequestError  # type: ignore[no-redef]  # the same class, in huggingface_hub 1.x
 
 logger = logging.getLogger(__name__)
 
