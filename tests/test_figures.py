@@ -175,13 +175,13 @@ def test_pipeline_graph_is_dvcs_with_interpolation_resolved(pipeline: nx.DiGraph
 
 
 def test_pipeline_graph_of_this_repository_matches_dvc_dag() -> None:
-    """The repository's own 8 stages and the edges that `dvc dag --dot` prints for them."""
+    """The repository's own 9 stages (the synthetic pipeline's and publish) and the edges `dvc dag --dot` prints."""
     dot = dvc("dag", "--dot", cwd=REPO)
     edges = set(re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, re.MULTILINE))
     graph = pipeline_graph(REPO)
-    assert list(graph) == STAGES
+    assert list(graph) == [*STAGES, "publish"]
     assert edges and set(graph.edges) == edges
-    assert ("extract", "figures") in edges and ("figures", "paper") in edges
+    assert ("extract", "figures") in edges and ("figures", "paper") in edges and ("paper", "publish") in edges
 
 
 def test_pipeline_graph_can_be_read_inside_a_running_repro(tmp_path: Path) -> None:

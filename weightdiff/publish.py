@@ -2,7 +2,7 @@
 
 Opt-in (`publish.repo`), and the only step that writes to the network. The repo is laid out so that it loads as it
 is: the PEFT files at its root (`PeftModel.from_pretrained(base, repo)`), the GGUF beside them, the paper under
-paper/ with the figures its Markdown links to under figures/ (as reports/ holds them). The optional parts (GGUF,
+paper/ with the figures its Typst source reads under figures/ (as reports/ holds them). The optional parts (GGUF,
 paper, figures, the metrics the card quotes) are left out, and said so, when the run has none: a run on an
 architecture llama.cpp cannot load still publishes. A missing adapter is an error: there is nothing to publish.
 
