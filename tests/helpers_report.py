@@ -140,7 +140,7 @@ def extract_metrics(reports: list[dict], policy: str = "fixed", rank: int = RANK
     """metrics/extract.json for these reports, with the distinctive numbers the paper test looks for."""
     ranks = [r["rank"] for r in reports if "rank" in r and r["status"] == "extracted"]
     targets = [r for r in reports if "singular_values" in r or r.get("status") == "zero"]
-    saved = [r for r in reports if r["action"] == "save"]
+    saved = [r for r in reports if r["action"] == "save" and "bytes" in r]  # as metrics.summary counts them
     skipped = [r for r in reports if r["action"] == "skip"]
     return {
         "rank": rank if policy == "fixed" else max(ranks),

@@ -455,7 +455,17 @@ def test_module_type_rows_pool_the_energy_the_adapter_keeps() -> None:
 
 
 def test_extras_and_experts_facts() -> None:
-    reports = synthetic_reports() + extra_reports() + expert_reports()
+    unchanged_norm = {  # planned to be saved, but its delta is zero: not in the adapter
+        "name": "model.layers.0.input_layernorm.weight",
+        "module": "model.layers.0.input_layernorm",
+        "module_type": "input_layernorm",
+        "layer": 0,
+        "action": "save",
+        "shape": [64],
+        "status": "zero",
+        "delta_norm": 0.0,
+    }
+    reports = synthetic_reports() + extra_reports() + expert_reports() + [unchanged_norm]
     metrics = extract_metrics(reports)
     extras = extras_facts(reports, metrics)
     assert extras["saved"] == ["model.norm"] and extras["biases"] == ["model.layers.0.self_attn.q_proj.bias"]

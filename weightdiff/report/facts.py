@@ -267,7 +267,8 @@ def extras_facts(reports: list[dict], metrics: dict) -> dict:
     """What the adapter carries beyond low-rank factors of linear layers, and what it measured and left out."""
     skipped = sorted(with_action(reports, "skip"), key=lambda r: r["delta_norm"], reverse=True)
     facts = {
-        "saved": [r["module"] for r in with_action(reports, "save")],
+        # the modules saved: a save unit whose delta is zero is planned but not in the adapter (no `bytes`)
+        "saved": list(dict.fromkeys(r["module"] for r in with_action(reports, "save") if "bytes" in r)),
         "saved_bytes": metrics["extras"]["saved_bytes"],
         "biases": [r["name"] for r in lora_biases(reports)],
         "embeddings": [r["module"] for r in decomposed(reports) if r["action"] == "lora_embedding"],
