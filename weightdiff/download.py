@@ -25,14 +25,9 @@ from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-try:  # the HTTP client under huggingface_hub (httpx2 from 2.x, httpx in 1.x); its RequestError is no OSError
-    from httpx2 import RequestError
-except ImportError:
-    from httpx import RequestError  # type: ignore[no-redef]  # the same class, in huggingface_hub 1.x
-
 from weightdiff.errors import WeightdiffError
 from weightdiff.files import existing_ancestor
-from weightdiff.remote import RemoteRepo, is_remote, write_remote
+from weightdiff.remote import RemoteRepo, RequestError, is_remote, write_remote
 from weightdiff.settings import DemoSettings, DownloadMode, Settings, plain
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")

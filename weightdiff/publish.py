@@ -21,13 +21,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from httpx2 import RequestError  # huggingface_hub 2's HTTP client: an unreachable Hub raises this, not an OSError
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from typing_extensions import NotRequired, TypedDict
 
 from weightdiff.card import model_card
 from weightdiff.errors import WeightdiffError
+from weightdiff.remote import RequestError  # huggingface_hub's HTTP client's: an unreachable Hub raises it
 from weightdiff.settings import Paths, PublishSettings
 
 logger = logging.getLogger(__name__)
