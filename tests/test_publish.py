@@ -287,6 +287,15 @@ def test_no_adapter_is_an_error_naming_it_before_any_request(hub, tmp_path):
     assert hub.requests == []
 
 
+def test_a_cut_short_metrics_file_is_an_error_naming_it_before_any_request(hub, tmp_path):
+    make_run(tmp_path)
+    paths = paths_under(tmp_path)
+    Path(paths.validate_metrics).write_text('{"kl_adapted": 2e-06, "kl_b')
+    with pytest.raises(WeightdiffError, match=rf"{re.escape(paths.validate_metrics)} is not valid JSON .* line 1"):
+        publish(PublishSettings(repo=REPO_ID), paths)
+    assert hub.requests == []
+
+
 def test_an_adapter_made_by_the_command_is_described_by_its_own_numbers(hub, tmp_path):
     """`weightdiff extract` leaves its metrics beside the adapter: the card quotes them, not metrics/extract.json."""
     make_run(tmp_path)

@@ -86,11 +86,16 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_json(path: str | Path):
-    """An upstream stage's output; a missing one means the stages ran out of order."""
+    """An upstream stage's output; a missing one means the stages ran out of order, an unreadable one that it was
+    cut short or edited by hand."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError as e:
         raise WeightdiffError(f"{path} not found: run the stage that writes it first (dvc repro does)") from e
+    except json.JSONDecodeError as e:
+        raise WeightdiffError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): rerun the stage that writes it"
+        ) from e
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -27,6 +27,7 @@ from typing_extensions import NotRequired, TypedDict
 
 from weightdiff.card import model_card
 from weightdiff.errors import WeightdiffError
+from weightdiff.files import read_json
 from weightdiff.remote import RequestError  # huggingface_hub's HTTP client's: an unreachable Hub raises it
 from weightdiff.settings import Paths, PublishSettings
 
@@ -65,7 +66,7 @@ def run_outputs(paths: Paths) -> tuple[dict, list[str]]:
     run, missing = {}, []
     for name, path in sources.items():
         if path.is_file():
-            run[name] = json.loads(path.read_text())
+            run[name] = read_json(path)
         else:
             missing.append(f"{name} numbers: {path} not found")
     return run, missing
