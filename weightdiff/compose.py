@@ -26,6 +26,8 @@ from tqdm import tqdm
 from weightdiff.errors import WeightdiffError
 from weightdiff.files import write_json
 from weightdiff.peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     PREFIX,
     PROVENANCE_FILE,
     embedding_keys,
@@ -33,14 +35,12 @@ from weightdiff.peft_format import (
     is_target,
     lora_bias_key,
     lora_keys,
-    pattern_value,
+    rank_and_scaling,
     wrapper_paths,
     write_adapter,
 )
 
 log = logging.getLogger(__name__)
-ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
 STATS_FILE = "weightdiff_compose.json"  # beside the adapter: what the recompression kept, per module
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 # Singular values of the core below this share of Σ‖Bᵢ‖‖Aᵢ‖ (what bounds the sum) are rounding of an exact
@@ -72,9 +72,9 @@ class Adapter:
 
     @classmethod
     def open(cls, path: Path) -> Adapter:
-        config_file, tensors_file = path / CONFIG_FILE, path / ADAPTER_FILE
+        config_file, tensors_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
         if not (config_file.is_file() and tensors_file.is_file()):
-            raise WeightdiffError(f"{path}: expected a PEFT adapter directory ({CONFIG_FILE} and {ADAPTER_FILE})")
+            raise WeightdiffError(f"{path}: expected a PEFT adapter directory ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
         config = json.loads(config_file.read_text())
         if config.get("peft_type", "LORA") != "LORA":
             raise WeightdiffError(f"{config_file}: peft_type is {config['peft_type']!r}, only LORA adapters compose")
@@ -142,18 +142,17 @@ class Adapter:
     def scaling(self, site: Site, rank: int) -> float:
         """PEFT's alpha/r of the site, r as the config gives it and checked against the factors' shape."""
         lookup = site.parameter or site.path
-        configured = pattern_value(self.config.get("rank_pattern") or {}, lookup, self.config["r"])
+        configured, scaling = rank_and_scaling(lookup, self.config)
         if configured != rank:
             raise WeightdiffError(
-                f"{self.path}: {CONFIG_FILE} gives {lookup} rank {configured}, its factors have rank {rank}"
+                f"{self.path}: {ADAPTER_CONFIG} gives {lookup} rank {configured}, its factors have rank {rank}"
             )
-        alpha = pattern_value(self.config.get("alpha_pattern") or {}, lookup, self.config["lora_alpha"])
-        return alpha / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
+        return scaling
 
     def term(self, site: Site, weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(weight·scaling·B [E, m, r], A [E, r, n], weight·Δb [m] or None) of the site, in fp64."""
         E = site.shape[0]
-        with safe_open(self.path / ADAPTER_FILE, "pt") as f:
+        with safe_open(self.path / ADAPTER_WEIGHTS, "pt") as f:
             if site.kind == "embedding":
                 a_key, b_key = embedding_keys(site.path)
                 A, B = f.get_tensor(a_key).double()[None], f.get_tensor(b_key).double()[None]
@@ -172,7 +171,7 @@ class Adapter:
         return B * s, A, None if bias is None else bias * s
 
     def saved_tensors(self, module: str) -> dict[str, torch.Tensor]:
-        with safe_open(self.path / ADAPTER_FILE, "pt") as f:
+        with safe_open(self.path / ADAPTER_WEIGHTS, "pt") as f:
             return {k: f.get_tensor(k) for k in self.saved[module]}
 
 
@@ -462,5 +461,5 @@ def composition_summary(paths: list[Path], weights: list[float], chain: Chain, s
         "cancelled": sorted(p for p, s in stats.items() if s["rank"] == 0),
         "worst_module": worst,
         "worst_energy": stats[worst]["energy"] if worst else 1.0,
-        "adapter_bytes": (out / ADAPTER_FILE).stat().st_size,
+        "adapter_bytes": (out / ADAPTER_WEIGHTS).stat().st_size,
     }

@@ -26,6 +26,7 @@ from weightdiff.executor import Job, Task, execute
 from weightdiff.layout import ModelModules
 from weightdiff.metrics import diagnosis, energy_curves, left_out, log_left_out, summary
 from weightdiff.peft_format import (
+    ADAPTER_WEIGHTS,
     Targets,
     adapter_config,
     is_target,
@@ -105,7 +106,7 @@ def extract(
     )
     write_adapter(adapter_dir, factors, config, provenance(manifest, plan, reports, modules.experts))
     store.remove()
-    adapter_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    adapter_bytes = (adapter_dir / ADAPTER_WEIGHTS).stat().st_size
     model_bytes = sum(f["size"] for f in manifest["model_b"]["files"] if f["name"].endswith(".safetensors"))
     metrics |= {
         "model_bytes": model_bytes,

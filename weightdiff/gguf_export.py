@@ -54,13 +54,11 @@ from weightdiff import gguf_arch
 from weightdiff.errors import WeightdiffError
 from weightdiff.files import atomic_path
 from weightdiff.gguf_arch import Model, Placement
+from weightdiff.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_target, rank_and_scaling
 from weightdiff.peft_format import PREFIX as PEFT_PREFIX
-from weightdiff.peft_format import is_target, pattern_value
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 GGUF_FILE = "adapter.gguf"  # the file's name in the stage's output directory
 # PEFT key suffixes of each LoRA half (GGUF suffix -> PEFT suffix): linear layers and parameters, embeddings.
 LINEAR_HALVES = {"lora_a": ".lora_A.weight", "lora_b": ".lora_B.weight"}
@@ -351,7 +349,7 @@ def linear_factors(pair: LoraPair, adapter_config: dict, target: Target) -> list
     or the reason there are none."""
     if len(pair.shape_a) != 2 or len(pair.shape_b) != 2:
         return NOT_LINEAR
-    rank, scale = peft_rank_and_scaling(pair.module, adapter_config)
+    rank, scale = rank_and_scaling(pair.module, adapter_config)
     if pair.shape_a[0] != rank or pair.shape_b[1] != rank:
         raise WeightdiffError(
             f"{pair.key_a} {list(pair.shape_a)} / {pair.key_b} {list(pair.shape_b)}: expected A [{rank}, in] and "
@@ -372,7 +370,7 @@ def linear_factors(pair: LoraPair, adapter_config: dict, target: Target) -> list
 def embedding_factors(pair: LoraPair, adapter_config: dict, target: Target) -> list[Factor] | str:
     """token_embd's pair from PEFT's lora_embedding_A [r, vocab] / _B [dim, r]: lora_a transposed to
     [vocab, r] (llama.cpp gathers its rows per token), lora_b as it is."""
-    rank, scale = peft_rank_and_scaling(pair.module, adapter_config)
+    rank, scale = rank_and_scaling(pair.module, adapter_config)
     places = gguf_arch.placements(target.model, pair.module)
     reason = unplaceable(places, target)
     if reason:
@@ -462,7 +460,7 @@ def expert_factors(pair: LoraPair, adapter_config: dict, target: Target) -> list
     """
     owner = experts_owner(pair.module)
     parameter = expert_parameter(pair, adapter_config, target.model)
-    rank, scale = peft_rank_and_scaling(f"{owner}.{parameter}", adapter_config)
+    rank, scale = rank_and_scaling(f"{owner}.{parameter}", adapter_config)
     n_experts = experts_in(target.model.hparams)
     stacked = rank * n_experts
     if pair.shape_a[0] != stacked or pair.shape_b[1] != stacked:
@@ -510,18 +508,6 @@ def experts_in(hparams: dict) -> int:
     """Routed experts per layer: Hub Qwen3-MoE configs say ``num_experts``, transformers 5 saves
     ``num_local_experts``."""
     return hparams.get("num_local_experts") or hparams["num_experts"]
-
-
-def peft_rank_and_scaling(module: str, adapter_config: dict) -> tuple[int, float]:
-    """The rank and the factor PEFT multiplies ``B @ A`` by for this module.
-
-    ``rank_pattern`` / ``alpha_pattern`` override ``r`` / ``lora_alpha`` per module, keys tried in
-    order as PEFT does; rsLoRA divides by ``sqrt(r)`` instead of ``r``.
-    """
-    rank = pattern_value(adapter_config.get("rank_pattern") or {}, module, adapter_config["r"])
-    alpha = pattern_value(adapter_config.get("alpha_pattern") or {}, module, adapter_config["lora_alpha"])
-    divisor = math.sqrt(rank) if adapter_config.get("use_rslora") else rank
-    return int(rank), float(alpha) / divisor
 
 
 def stored_type(shape: tuple[int, ...], target: Target) -> GGMLQuantizationType:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from weightdiff.files import fresh_directory, write_atomic
 from weightdiff.layout import parameter_name, within_layer
 
 PREFIX = "base_model.model."
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PROVENANCE_FILE = "weightdiff_provenance.json"  # beside adapter_config.json: see write_adapter
 
 
@@ -27,6 +30,18 @@ def exact_pattern(module: str) -> str:
     """A rank_pattern/alpha_pattern key that PEFT's `(.*\\.)?(key)$` match (`pattern_value`) applies to this
     module path only."""
     return re.escape(module)
+
+
+def rank_and_scaling(module: str, adapter_config: dict) -> tuple[int, float]:
+    """The rank and the factor PEFT multiplies ``B @ A`` by for this module.
+
+    ``rank_pattern`` / ``alpha_pattern`` override ``r`` / ``lora_alpha`` per module, keys tried in
+    order as PEFT does; rsLoRA divides by ``sqrt(r)`` instead of ``r``.
+    """
+    rank = pattern_value(adapter_config.get("rank_pattern") or {}, module, adapter_config["r"])
+    alpha = pattern_value(adapter_config.get("alpha_pattern") or {}, module, adapter_config["lora_alpha"])
+    divisor = math.sqrt(rank) if adapter_config.get("use_rslora") else rank
+    return int(rank), float(alpha) / divisor
 
 
 def pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
@@ -225,6 +240,6 @@ def write_adapter(out_dir: Path, factors: dict[str, torch.Tensor], config: dict,
     order, which would make the adapter's bytes differ from run to run.
     """
     with fresh_directory(out_dir) as tmp:
-        write_atomic(tmp / "adapter_model.safetensors", safetensors_bytes(factors, metadata={"format": "pt"}))
-        write_atomic(tmp / "adapter_config.json", adapter_config_json(config))
+        write_atomic(tmp / ADAPTER_WEIGHTS, safetensors_bytes(factors, metadata={"format": "pt"}))
+        write_atomic(tmp / ADAPTER_CONFIG, adapter_config_json(config))
         write_atomic(tmp / PROVENANCE_FILE, (json.dumps(provenance, indent=1, sort_keys=True) + "\n").encode())
