@@ -278,20 +278,22 @@ def test_missing_optional_parts_are_left_out_and_said(hub, tmp_path, caplog):
     assert "gguf" not in front_matter(card)["tags"] and b"## Fidelity" not in card and b"## The adapter" in card
 
 
-def test_no_adapter_is_an_error_naming_it_before_any_request(hub, tmp_path):
-    make_run(tmp_path)
-    paths = paths_under(tmp_path)
+def no_adapter(paths: Paths) -> str:
     (Path(paths.adapter) / "adapter_model.safetensors").unlink()
-    with pytest.raises(WeightdiffError, match=rf"{re.escape(paths.adapter)} holds no PEFT adapter \(adapter_model"):
-        publish(PublishSettings(repo=REPO_ID), paths)
-    assert hub.requests == []
+    return rf"{re.escape(paths.adapter)} holds no PEFT adapter \(adapter_model"
 
 
-def test_a_cut_short_metrics_file_is_an_error_naming_it_before_any_request(hub, tmp_path):
+def cut_short_metrics(paths: Paths) -> str:
+    Path(paths.validate_metrics).write_text('{"kl_adapted": 2e-06, "kl_b')
+    return rf"{re.escape(paths.validate_metrics)} is not valid JSON .* line 1"
+
+
+@pytest.mark.parametrize("spoil", [no_adapter, cut_short_metrics])
+def test_an_unusable_input_is_an_error_naming_it_before_any_request(hub, tmp_path, spoil):
+    """spoil(paths) breaks one input of a finished run and returns the error it must give."""
     make_run(tmp_path)
     paths = paths_under(tmp_path)
-    Path(paths.validate_metrics).write_text('{"kl_adapted": 2e-06, "kl_b')
-    with pytest.raises(WeightdiffError, match=rf"{re.escape(paths.validate_metrics)} is not valid JSON .* line 1"):
+    with pytest.raises(WeightdiffError, match=spoil(paths)):
         publish(PublishSettings(repo=REPO_ID), paths)
     assert hub.requests == []
 
