@@ -16,7 +16,7 @@ import torch
 from weightdiff.decompose import LowRank, Method
 from weightdiff.layout import fuse_experts, module_type, parameter_name
 from weightdiff.lowrank import frobenius_norms
-from weightdiff.peft_format import embedding_keys, lora_bias_key, lora_keys, parameter_key, saved_key
+from weightdiff.peft_format import embedding_keys, lora_bias_key, lora_keys, parameter_key, saved_key, wrapper_layout
 from weightdiff.plan import Unit
 from weightdiff.rank import noise_floor
 from weightdiff.records import ExpertArrays, TensorReport
@@ -119,13 +119,6 @@ def stacked_delta(unit: Unit, ds: list[Delta], tensors: dict[str, dict]) -> torc
     return fuse_experts(unit.module, [d.value for d in ds], [tensors[n]["expert"] for n in unit.tensors])
 
 
-def peft_layout(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lora_A [r·E, in], lora_B [out, r·E]) from per-expert B [E, out, r] and A [E, r, in], as ParamWrapper reads
-    them: expert e's rows of lora_A at e·r:(e+1)·r, its columns of lora_B at e::E."""
-    E, out, r = B.shape
-    return A.reshape(E * r, A.shape[-1]).contiguous(), B.permute(1, 2, 0).reshape(out, r * E).contiguous()
-
-
 def lora_experts(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str, dict]) -> Result:
     """All experts of one layer and projection in one batched decomposition, in PEFT's `target_parameters` layout.
 
@@ -180,7 +173,7 @@ def lora_experts(unit: Unit, ds: list[Delta], method: Method, tensors: dict[str,
     }
     if floor is not None:
         r["noise_floor"] = floor
-    lora_A, lora_B = peft_layout(low.B, low.A)
+    lora_A, lora_B = wrapper_layout(low.B, low.A)
     return [r], {parameter_key(unit.module, "lora_A"): lora_A, parameter_key(unit.module, "lora_B"): lora_B}
 
 

@@ -35,7 +35,10 @@ from weightdiff.peft_format import (
     is_target,
     lora_bias_key,
     lora_keys,
+    peft_keys,
+    per_expert,
     rank_and_scaling,
+    wrapper_layout,
     wrapper_paths,
     write_adapter,
 )
@@ -159,12 +162,7 @@ class Adapter:
             else:
                 module = self.provenance["experts"][site.path]["wrapper"] if site.kind == "experts" else site.path
                 a_key, b_key = lora_keys(module)
-                lora_A, lora_B = f.get_tensor(a_key).double(), f.get_tensor(b_key).double()
-                r = lora_A.shape[0] // E
-                # ParamWrapper's layout (actions.peft_layout): expert e's rows of lora_A at e·r:(e+1)·r, its
-                # columns of lora_B at e::E
-                A = lora_A.reshape(E, r, -1)
-                B = lora_B.reshape(lora_B.shape[0], r, E).permute(2, 0, 1)
+                B, A = per_expert(f.get_tensor(a_key).double(), f.get_tensor(b_key).double(), E)
             bias_key = lora_bias_key(site.path)
             bias = f.get_tensor(bias_key).double() if bias_key in self.keys else None
         s = weight * self.scaling(site, A.shape[1])
@@ -330,8 +328,9 @@ def compose(
             factors[lora_bias_key(path)] = total.bias.to(dtype)
     if not factors and not saved:
         raise WeightdiffError("the adapters cancel: their composition is zero on every module")
-    wrappers = wrapper_paths([p for p in ranks if sites[p].kind == "experts"], expert_order(adapters))
-    factors = {expert_key(k, wrappers): v for k, v in factors.items()}
+    order = expert_order(adapters)
+    factors = peft_keys(factors, order)
+    wrappers = wrapper_paths([p for p in ranks if sites[p].kind == "experts"], order)
     config = composed_config(adapters, chain, sites, ranks, saved_modules, tied[1] if tied else None)
     if any(k.endswith(".lora_B.bias") for k in factors):
         config["lora_bias"] = True
@@ -368,24 +367,12 @@ def checked_sites(adapters: list[Adapter]) -> dict[str, Site]:
 
 def site_factors(site: Site, B: torch.Tensor, A: torch.Tensor) -> dict[str, torch.Tensor]:
     """The site's tensors as PEFT names and lays them out; an expert parameter's under its parameter path, which
-    expert_key renames once the adapter's wrappers are known."""
+    peft_keys renames to its wrapper's once the adapter's expert parameters are known."""
     if site.kind == "embedding":
-        a_key, b_key = embedding_keys(site.path)
-        return {a_key: A[0].contiguous(), b_key: B[0].contiguous()}
-    if site.kind == "linear":
-        a_key, b_key = lora_keys(site.path)
-        return {a_key: A[0].contiguous(), b_key: B[0].contiguous()}
-    E, out, r = B.shape
-    a_key, b_key = lora_keys(site.path)
-    return {a_key: A.reshape(E * r, -1).contiguous(), b_key: B.permute(1, 2, 0).reshape(out, r * E).contiguous()}
-
-
-def expert_key(key: str, wrappers: dict[str, str]) -> str:
-    for parameter, wrapper in wrappers.items():
-        for part in ("lora_A", "lora_B"):
-            if key == f"{PREFIX}{parameter}.{part}.weight":
-                return f"{PREFIX}{wrapper}.{part}.weight"
-    return key
+        keys, tensors = embedding_keys(site.path), (A[0].contiguous(), B[0].contiguous())
+    else:
+        keys, tensors = lora_keys(site.path), wrapper_layout(B, A)
+    return dict(zip(keys, tensors, strict=True))
 
 
 def expert_order(adapters: list[Adapter]) -> tuple[str, ...]:

@@ -97,6 +97,19 @@ def parameter_key(param: str, part: str) -> str:
     return f"{PREFIX}{param}.{part}.weight"
 
 
+def wrapper_layout(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A [r·E, in], lora_B [out, r·E]) from per-expert B [E, out, r] and A [E, r, in], as ParamWrapper reads
+    them: expert e's rows of lora_A at e·r:(e+1)·r, its columns of lora_B at e::E. A Linear's is the case E = 1."""
+    E, out, r = B.shape
+    return A.reshape(E * r, A.shape[-1]).contiguous(), B.permute(1, 2, 0).reshape(out, r * E).contiguous()
+
+
+def per_expert(lora_A: torch.Tensor, lora_B: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B [E, out, r], A [E, r, in]) from ParamWrapper's lora_A and lora_B: wrapper_layout undone."""
+    r = lora_A.shape[0] // experts
+    return lora_B.reshape(lora_B.shape[0], r, experts).permute(2, 0, 1), lora_A.reshape(experts, r, -1)
+
+
 def peft_keys(factors: dict[str, torch.Tensor], order: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The factors under the keys PEFT saves and loads for wrapped parameters (see wrapper_paths)."""
     wrappers = wrapper_paths([p for p in order if parameter_key(p, "lora_A") in factors], order)
