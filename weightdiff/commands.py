@@ -96,11 +96,12 @@ def validate_command(args: argparse.Namespace) -> None:
 
 def gguf_command(args: argparse.Namespace) -> None:
     from weightdiff.download import parse_source, resolve
-    from weightdiff.gguf_export import adapter_config_in, write_lora_gguf
+    from weightdiff.gguf_export import write_lora_gguf
     from weightdiff.index import model_index
+    from weightdiff.peft_format import read_adapter_config
 
     adapter = Path(args.adapter)
-    base = args.base or adapter_config_in(adapter).get("base_model_name_or_path")
+    base = args.base or read_adapter_config(adapter).get("base_model_name_or_path")
     if not base:
         raise WeightdiffError(f"{adapter}/adapter_config.json names no base model: give it with --base")
     # Only the base's config and tensor names are needed: a Hub base is streamed (headers only), never fetched.

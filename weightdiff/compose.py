@@ -38,6 +38,7 @@ from weightdiff.peft_format import (
     peft_keys,
     per_expert,
     rank_and_scaling,
+    read_adapter_config,
     wrapper_layout,
     wrapper_paths,
     write_adapter,
@@ -75,12 +76,7 @@ class Adapter:
 
     @classmethod
     def open(cls, path: Path) -> Adapter:
-        config_file, tensors_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-        if not (config_file.is_file() and tensors_file.is_file()):
-            raise WeightdiffError(f"{path}: expected a PEFT adapter directory ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-        config = json.loads(config_file.read_text())
-        if config.get("peft_type", "LORA") != "LORA":
-            raise WeightdiffError(f"{config_file}: peft_type is {config['peft_type']!r}, only LORA adapters compose")
+        config, tensors_file = read_adapter_config(path), path / ADAPTER_WEIGHTS
         with safe_open(tensors_file, "pt") as f:
             slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iteration)
             keys = {k: tuple(s.get_shape()) for k, s in slices.items()}

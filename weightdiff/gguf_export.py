@@ -36,7 +36,6 @@ into ``lora_b`` and write alpha 0, so ``B_gguf @ A_gguf`` is exactly the delta P
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Collection, Iterable
@@ -54,7 +53,7 @@ from weightdiff import gguf_arch
 from weightdiff.errors import WeightdiffError
 from weightdiff.files import atomic_path
 from weightdiff.gguf_arch import Model, Placement
-from weightdiff.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_target, rank_and_scaling
+from weightdiff.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_target, rank_and_scaling, read_adapter_config
 from weightdiff.peft_format import PREFIX as PEFT_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -167,10 +166,8 @@ def write_lora_gguf(
     """
     adapter_dir, out_path = Path(adapter_dir), Path(out_path)
     requested_type = ggml_type_for(dtype)
-    adapter_config = adapter_config_in(adapter_dir)
+    adapter_config = read_adapter_config(adapter_dir)
     weights_path = adapter_dir / ADAPTER_WEIGHTS
-    if not weights_path.is_file():
-        raise WeightdiffError(f"{weights_path} not found: expected a PEFT LoRA adapter directory")
 
     family = gguf_arch.family_for(model_config)
     if family is None:
@@ -245,17 +242,6 @@ def ggml_type_for(dtype: str) -> GGMLQuantizationType:
         raise WeightdiffError(
             f"unsupported GGUF dtype {dtype!r}; choose one of {', '.join(GGML_TYPE_BY_DTYPE)}"
         ) from None
-
-
-def adapter_config_in(adapter_dir: Path) -> dict[str, Any]:
-    """The adapter's ``adapter_config.json``, checked to be a LoRA config."""
-    path = adapter_dir / ADAPTER_CONFIG
-    if not path.is_file():
-        raise WeightdiffError(f"{path} not found: expected a PEFT LoRA adapter directory")
-    config = json.loads(path.read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise WeightdiffError(f"{path}: peft_type is {config['peft_type']!r}, only LORA converts to a LoRA GGUF")
-    return config
 
 
 def has_output_tensor(model: Model, base_tensors: Collection[str] | None) -> bool:

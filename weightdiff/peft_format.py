@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from weightdiff.errors import WeightdiffError
 from weightdiff.files import fresh_directory, write_atomic
 from weightdiff.layout import parameter_name, within_layer
 
@@ -237,6 +238,19 @@ def adapter_config(
         config["lora_bias"] = True
     if tied:
         config["ensure_weight_tying"] = True
+    return config
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """The adapter's adapter_config.json, checked to be a LoRA config (the only kind weightdiff reads) beside its
+    weights."""
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (adapter_dir / name).is_file():
+            raise WeightdiffError(f"{adapter_dir / name} not found: expected a PEFT LoRA adapter directory")
+    path = adapter_dir / ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise WeightdiffError(f"{path}: peft_type is {config['peft_type']!r}, only LoRA adapters are read")
     return config
 
 
