@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from weightdiff.errors import WeightdiffError
 from weightdiff.files import write_json
+from weightdiff.lowrank import Truncated, lora_factors
 from weightdiff.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -219,7 +220,7 @@ def chained(adapters: list[Adapter], weights: list[float], unchecked: bool) -> C
         end = target if abs(w) == 1 else None
         if chain is None:
             chain = Chain(base, end)
-        elif base is not None and chain.end is not None and base == chain.end:
+        elif chain.end is not None and base == chain.end:
             chain = Chain(chain.start, end)
         elif base is not None and base == chain.start:
             chain = Chain(chain.start, None)
@@ -243,7 +244,7 @@ def chained(adapters: list[Adapter], weights: list[float], unchecked: bool) -> C
 def recompressed(
     terms: list[tuple[torch.Tensor, torch.Tensor]], rank: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B [E, m, k], A [E, r, n], kept σ [E, k], every σ [E, Σr]) of Σ Bᵢ·Aᵢ cut at rank ≤ `rank`, with B·A the cut
+    """(B [E, m, k], A [E, k, n], kept σ [E, k], every σ [E, Σr]) of Σ Bᵢ·Aᵢ cut at rank k ≤ `rank`, with B·A the cut
     sum (scaling 1): from the QRs of the stacked factors and the SVD of their small core (the module docstring)."""
     left = torch.cat([B for B, _ in terms], -1)
     right = torch.cat([A for _, A in terms], -2)
@@ -254,9 +255,7 @@ def recompressed(
     size = sum(torch.linalg.matrix_norm(B) * torch.linalg.matrix_norm(A) for B, A in terms)
     significant = int((S > CANCELLED * size[..., None]).sum(-1).max())
     k = min(rank, significant)
-    root = S[..., :k].sqrt()
-    B = (Q_left @ U[..., :k]) * root[..., None, :]
-    A = root[..., :, None] * (Vh[..., :k, :] @ Q_right.mT)
+    B, A = lora_factors(Truncated(Q_left @ U[..., :k], S[..., :k], Vh[..., :k, :] @ Q_right.mT), scaling=1.0)
     return B, A, S[..., :k], S
 
 
