@@ -19,7 +19,7 @@ from typing_extensions import TypedDict
 
 from weightdiff.decompose import Method
 from weightdiff.errors import WeightdiffError
-from weightdiff.records import LORA_ACTIONS, TensorReport, decomposed, energy_kept
+from weightdiff.records import LORA_ACTIONS, TensorReport, decomposed, energy_kept, saved
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def summary(reports: list[TensorReport], method: Method, adapter_rank: int) -> d
         log.warning("%s %s is smaller than rank %d: clamped to rank %d", r["name"], r["shape"], method.rank, r["rank"])
     checked = [r for r in chosen if "energy_reference" in r]
     skipped = [r for r in reports if r["action"] == "skip"]
-    saved = [r for r in reports if r["action"] == "save" and "bytes" in r]
+    held = saved(reports)
     ranks = [r["rank"] for r in chosen]
     return {
         "rank": adapter_rank,
@@ -104,8 +104,8 @@ def summary(reports: list[TensorReport], method: Method, adapter_rank: int) -> d
             ),
         },
         "extras": {
-            "saved": len(saved),
-            "saved_bytes": sum(r["bytes"] for r in saved),
+            "saved": len(held),
+            "saved_bytes": sum(r["bytes"] for r in held),
             "skipped": len(skipped),
             "skipped_delta_norm": math.sqrt(sum(r["delta_norm"] ** 2 for r in skipped)),
             "skipped_unchanged": sum(r["delta_norm"] == 0 for r in skipped),

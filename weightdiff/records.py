@@ -69,6 +69,11 @@ def decomposed(reports: Iterable[R]) -> list[R]:
     return [r for r in reports if "singular_values" in r]
 
 
+def saved(reports: Iterable[R]) -> list[R]:
+    """The reports of tensors the adapter holds whole (modules_to_save): a save whose delta is zero holds none."""
+    return [r for r in reports if r["action"] == "save" and "bytes" in r]
+
+
 def energy_kept(reports: Sequence[Mapping[str, Any]]) -> float:
     """Σ energyᵢ‖ΔWᵢ‖² / Σ ‖ΔWᵢ‖² over decomposed reports: the one definition of the energy an adapter keeps,
     wherever it is quoted (metrics, diagnosis, paper); 1 when there is no delta at all."""

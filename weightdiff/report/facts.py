@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weightdiff.records import decomposed, energy_kept
+from weightdiff.records import decomposed, energy_kept, saved
 from weightdiff.verdict import percent
 
 # Module types in the order of a transformer block; tensors.json follows the checkpoint's alphabetical order,
@@ -267,8 +267,7 @@ def extras_facts(reports: list[dict], metrics: dict) -> dict:
     """What the adapter carries beyond low-rank factors of linear layers, and what it measured and left out."""
     skipped = sorted(with_action(reports, "skip"), key=lambda r: r["delta_norm"], reverse=True)
     facts = {
-        # the modules saved: a save unit whose delta is zero is planned but not in the adapter (no `bytes`)
-        "saved": list(dict.fromkeys(r["module"] for r in with_action(reports, "save") if "bytes" in r)),
+        "saved": list(dict.fromkeys(r["module"] for r in saved(reports))),
         "saved_bytes": metrics["extras"]["saved_bytes"],
         "biases": [r["name"] for r in lora_biases(reports)],
         "embeddings": [r["module"] for r in decomposed(reports) if r["action"] == "lora_embedding"],
