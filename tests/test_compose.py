@@ -15,7 +15,14 @@ import pytest
 import torch
 
 import tiny_moe
-from helpers import assert_streamed_equals_in_memory, full_model_log_probs, kl_per_token, local_manifest, run_extract
+from helpers import (
+    assert_streamed_equals_in_memory,
+    edited_copy,
+    full_model_log_probs,
+    kl_per_token,
+    local_manifest,
+    run_extract,
+)
 from test_moe import low_rank_edit
 from weightdiff import demo
 from weightdiff.compose import STATS_FILE, Adapter, compose
@@ -147,7 +154,7 @@ def test_the_command_writes_what_the_library_does(chain, tmp_path):
 def test_tied_embeddings_and_saved_norms_compose(tmp_path, cfg):
     """A tied Llama whose fine-tunes change the tied table, a q_proj and a norm: the table's LoRA composes (and the
     head's, tied to it, with it), the norm is saved whole, the later save replacing the earlier."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from test_tied import CONFIG, EMBEDDING, low_rank
@@ -158,15 +165,18 @@ def test_tied_embeddings_and_saved_norms_compose(tmp_path, cfg):
         model.model.embed_tokens.weight.mul_(6)
     model.save_pretrained(tmp_path / "base")
     q_proj, norm = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.input_layernorm.weight"
+
+    def fine_tune(seed: int):
+        def edit(tensors: dict[str, torch.Tensor]) -> None:
+            g = torch.Generator().manual_seed(seed)
+            tensors[EMBEDDING] += low_rank(tensors[EMBEDDING].shape, 4, 1.0, g, tensors[EMBEDDING])
+            tensors[q_proj] += low_rank(tensors[q_proj].shape, 4, 0.5, g, tensors[q_proj])
+            tensors[norm] *= 1 + 0.1 * torch.randn(tensors[norm].shape, generator=g)
+
+        return edit
+
     for name, seed in (("ftA", 1), ("ftB", 2)):
-        tensors, g = load_file(tmp_path / "base" / "model.safetensors"), torch.Generator().manual_seed(seed)
-        tensors[EMBEDDING] += low_rank(tensors[EMBEDDING].shape, 4, 1.0, g, tensors[EMBEDDING])
-        tensors[q_proj] += low_rank(tensors[q_proj].shape, 4, 0.5, g, tensors[q_proj])
-        tensors[norm] *= 1 + 0.1 * torch.randn(tensors[norm].shape, generator=g)
-        (tmp_path / name).mkdir()
-        for f in (tmp_path / "base").iterdir():
-            (tmp_path / name / f.name).write_bytes(f.read_bytes())
-        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        edited_copy(tmp_path / "base", tmp_path / name, fine_tune(seed))
     run_extract(tmp_path / "base", tmp_path / "ftA", tmp_path / "ab", cfg, rank=4, dtype="fp32")
     run_extract(tmp_path / "ftA", tmp_path / "ftB", tmp_path / "bc", cfg, rank=8, dtype="fp32")
     compose([tmp_path / "ab", tmp_path / "bc"], [1.0, 1.0], tmp_path / "ac")
