@@ -45,3 +45,5 @@ def test_low_energy_that_falls_short_suggests_more_rank():
 
 def test_percentages_keep_the_digits_that_matter():
     assert [percent(x) for x in (0.99987, 0.993, 0.37, 1.0, 0.0005)] == ["99.99%", "99.3%", "37%", "100%", "0.05%"]
+    # an fp32 adapter of an exactly low-rank delta: KL 3.4e-12 against 3.49 (a rounding to 100% past 8 decimals)
+    assert percent(1 - 3.4e-12 / 3.49) == "99.9999999999%" and percent(1 - 1e-16) == "100%"
